@@ -1,0 +1,3 @@
+"""edgeseg: tiny polyp-segmentation networks from training to verified edge deployment."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,240 @@
+"""The training loop: ``run(cfg) -> Path`` of the best checkpoint.
+
+    edgeseg train --model ultraseg-108k --train-split pranet-train --val-fraction 0.1 --epochs 100 --out runs/u108
+    torchrun --nproc_per_node 2 -m edgeseg.cli train ...      # DDP (gloo on CPU, nccl on GPU)
+
+Each epoch writes ``last.pt`` (with optimizer state, for ``--resume``), ``best.pt`` when validation mDice
+improves, a row of ``metrics.csv`` and ``curves.png``; all writes are atomic.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from edgeseg.checkpoint import make_checkpoint, read_checkpoint, save_atomic
+from edgeseg.config import TrainConfig, config_differences
+from edgeseg.contract import InputContract
+from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root, split_hash
+from edgeseg.errors import EdgesegError
+from edgeseg.losses import SegLoss
+from edgeseg.metrics import SegMetrics
+from edgeseg.models import create_model
+
+log = logging.getLogger("edgeseg.train")
+
+
+def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Cosine from lr to min_lr over the run (or periodic with period 2*cosine_period epochs, as MALUNet)."""
+    t = step / steps_per_epoch
+    span = cfg.cosine_period if cfg.cosine_period else cfg.epochs
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t / span))
+
+
+def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise EdgesegError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adam")
+
+
+def _dist_setup() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _splits(cfg: TrainConfig, root: Path) -> tuple[list[str], list[str]]:
+    train_ids = read_split(cfg.train_split, root)
+    if cfg.val_split:
+        val_ids = read_split(cfg.val_split, root)
+        overlap = set(train_ids) & set(val_ids)
+        if overlap:
+            raise EdgesegError(f"validation split {cfg.val_split} shares {len(overlap)} ids with the train split "
+                               f"(e.g. {sorted(overlap)[0]}); use disjoint splits or --val-fraction")
+        return train_ids, val_ids
+    return carve_validation(train_ids, cfg.val_fraction, cfg.seed)
+
+
+@torch.inference_mode()
+def validate(model: torch.nn.Module, data: SegDataset, batch_size: int = 16) -> dict:
+    """Network-resolution metrics of ``model`` on a (non-augmented) dataset."""
+    model.eval()
+    metrics = SegMetrics()
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        x = torch.from_numpy(np.stack([it[0] for it in items])).contiguous(memory_format=torch.channels_last)
+        probs = torch.sigmoid(model(x).float())[:, 0].numpy()
+        for i, (p, it) in enumerate(zip(probs, items)):
+            metrics.update(p, it[1][0].astype(bool), name=data.decoded.ids[start + i])
+    model.train()
+    return metrics.compute()
+
+
+def _resume(cfg: TrainConfig, out: Path, model, opt) -> tuple[int, float]:
+    last = out / "last.pt"
+    if not last.is_file():
+        raise EdgesegError(f"--resume: no {last}; start without --resume or point --out at the run folder")
+    ckpt = read_checkpoint(last)
+    diff = config_differences(ckpt["config"], cfg.to_dict())
+    if diff:
+        pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+        raise EdgesegError(f"--resume with a different config ({pairs}); use the run's options or a new --out")
+    model.load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt.get("best_mdice", -1.0)
+
+
+def run(cfg: TrainConfig, resume: bool = False) -> Path:
+    rank, world = _dist_setup()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.size % 32:
+        raise EdgesegError(f"--size must be a multiple of 32, got {cfg.size}")
+    root = resolve_data_root(cfg.data_root)
+    out = Path(cfg.out)
+    train_ids, val_ids = _splits(cfg, root)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model)
+    contract = InputContract(size=cfg.size, mean=model.mean, std=model.std)
+    train_data = SegDataset(load_decoded(root, train_ids, cfg.size, cache, cfg.strict_masks), contract,
+                            Augment(seed=cfg.seed))
+    val_data = SegDataset(load_decoded(root, val_ids, cfg.size, cache, cfg.strict_masks), contract)
+    criterion = SegLoss(model.region_weights, model.boundary_weights)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = _make_optimizer(cfg, model)
+    start_epoch, best = _resume(cfg, out, model, opt) if resume else (0, -1.0)
+    net = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    splits = {"train": split_hash(train_ids), "val": split_hash(val_ids), "train_n": len(train_ids),
+              "val_n": len(val_ids)}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("training %s on %d images, validating on %d, epochs %d..%d, out %s", cfg.model, len(train_ids),
+                 len(val_ids), start_epoch + 1, cfg.epochs, out)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        train_data.augment.epoch = epoch
+        sampler = (DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+                   if world > 1 else RandomSampler(train_data, generator=torch.Generator().manual_seed(cfg.seed + epoch)))
+        if world > 1:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=cfg.workers, persistent_workers=False)
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(cfg, net, criterion, opt, loader, epoch, rank)
+        elapsed = time.perf_counter() - t0
+        if rank == 0:
+            val = validate(model, val_data)
+            improved = val["mdice"] > best
+            best = max(best, val["mdice"])
+            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss,
+                   "val_mdice": val["mdice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
+                   "epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
+            extra = dict(config=cfg.to_dict(), splits=splits, epoch=epoch + 1, metrics=row, best_mdice=best)
+            if improved:
+                save_atomic(make_checkpoint(model, contract, **extra), out / "best.pt")
+            save_atomic(make_checkpoint(model, contract, optimizer=opt.state_dict(), **extra), out / "last.pt")
+            _log_epoch(out, row)
+            log.info("epoch %d/%d loss %.4f val mDice %.4f (best %.4f) %.1f img/s", epoch + 1, cfg.epochs,
+                     train_loss, val["mdice"], best, row["img_per_s"])
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        _check_ranks_agree(model, out, rank, world)
+    return out / "best.pt"
+
+
+def _train_epoch(cfg, net, criterion, opt, loader, epoch: int, rank: int) -> float:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    net.train()
+    total, n = 0.0, 0
+    steps = len(loader)
+    cols = (TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    with Progress(*cols, disable=rank != 0, transient=True) as bar:
+        task = bar.add_task("train", total=steps, loss=float("nan"))
+        for i, (x, mask, bnd) in enumerate(loader):
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, epoch * steps + i, steps)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = net(x)
+            loss = criterion(out, mask, bnd)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item(), n + 1
+            bar.update(task, advance=1, loss=total / n)
+    return total / max(n, 1)
+
+
+def _log_epoch(out: Path, row: dict) -> None:
+    path = out / "metrics.csv"
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
+    rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    _plot_curves(out, rows)
+
+
+def _plot_curves(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [float(r["train_loss"]) for r in rows])
+    a.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    b.plot(ep, [float(r["val_mdice"]) for r in rows], label="val mDice")
+    b.plot(ep, [float(r["val_miou"]) for r in rows], label="val mIoU")
+    b.set(xlabel="epoch", title="validation")
+    b.legend()
+    fig.tight_layout()
+    tmp = out / "curves.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / "curves.png")
+
+
+def _check_ranks_agree(model, out: Path, rank: int, world: int) -> None:
+    """Gather a parameter checksum from every rank; rank 0 records them in ranks.json."""
+    import json
+
+    vec = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    mine = torch.tensor([vec.sum().item(), vec.abs().sum().item()], dtype=torch.float64)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    if rank == 0:
+        sums = [g.tolist() for g in gathered]
+        agree = all(s == sums[0] for s in sums)
+        (out / "ranks.json").write_text(json.dumps({"world_size": world, "checksums": sums, "agree": agree}))
+        if not agree:
+            raise RuntimeError(f"DDP ranks diverged: {sums}")
+    dist.destroy_process_group()
