@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors and primitives:
   format, format_version, model, model_kwargs, state_dict, contract (InputContract dict), config,
-  splits (name -> sha256 of its sorted ids), epoch, metrics, edgeseg_version, and in training
+  splits (name -> sha256 of its sorted ids), epoch, metrics, edgeseg_version, git_sha, and in training
   checkpoints also optimizer / scheduler state.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,8 +36,19 @@ def make_checkpoint(model, contract: InputContract, **extra) -> dict:
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "contract": contract.to_dict(),
         "edgeseg_version": __version__,
+        "git_sha": git_sha(),
         **extra,
     }
+
+
+def git_sha() -> str | None:
+    """The commit of the edgeseg source tree, when it is a git checkout (None for an installed wheel)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> Path:

@@ -121,13 +121,13 @@ def _print_metrics(result: dict, title: str) -> None:
     from rich.table import Table
 
     keys = ("mdice", "miou", "dice_global", "acc", "spe", "sen", "hd95", "mae")
-    table = Table("resolution", *keys, "n", title=title)
+    table = Table("resolution", *keys, "n", title=title, min_width=110)
     rows = [(f"{result['size']}x{result['size']}", result)]
     if "native" in result:
         rows.append(("native", result["native"]))
     for label, r in rows:
         table.add_row(label, *(f"{r[k]:.4f}" for k in keys), str(r["n_images"]))
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeseg.errors import EdgesegError
 
-__all__ = ["SegModel", "register_model", "create_model", "list_models", "model_info"]
+__all__ = ["SegModel", "register_model", "create_model", "list_models"]
 
 _MODELS: dict[str, Callable[..., "SegModel"]] = {}
 

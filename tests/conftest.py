@@ -1,0 +1,47 @@
+"""Shared fixtures: the real data in ../shared/data, small real splits, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("EDGESEG_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA / "splits" / "pranet-train.txt").is_file():
+        pytest.fail(f"real data not found at {DATA}; set EDGESEG_DATA or put shared/ beside the repo")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_split(data_root, tmp_path_factory) -> Path:
+    """12 real training frames (6 Kvasir-SEG, 6 CVC-ClinicDB) as a split file."""
+    ids = (data_root / "splits" / "pranet-train.txt").read_text().split()
+    chosen = [i for i in ids if i.startswith("kvasir")][:6] + [i for i in ids if i.startswith("cvc")][:6]
+    path = tmp_path_factory.mktemp("splits") / "tiny.txt"
+    path.write_text("\n".join(chosen) + "\n")
+    return path
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``edgeseg ARGS...`` in-process through ``main()``; returns (exit code, stdout, stderr)."""
+    from edgeseg.cli import main
+
+    def run(*args: str):
+        monkeypatch.setattr(sys, "argv", ["edgeseg", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

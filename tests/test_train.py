@@ -1,0 +1,86 @@
+"""The training loop on real frames: checkpoint contents, bit-exact resume, DDP with two gloo ranks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edgeseg.train as train_mod
+from edgeseg.checkpoint import load_model, read_checkpoint
+from edgeseg.config import build_config
+
+
+def _cfg(tiny_split, data_root, out, **kw):
+    base = dict(model="ultraseg-108k", train_split=str(tiny_split), val_fraction=0.25, epochs=2, batch_size=2,
+                size=64, data_root=str(data_root), out=str(out), threads=1)
+    return build_config("default", **{**base, **kw})
+
+
+def test_training_writes_complete_checkpoints(tiny_split, data_root, tmp_path):
+    best = train_mod.run(_cfg(tiny_split, data_root, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert best == run / "best.pt" and best.is_file() and (run / "curves.png").is_file()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(0 <= float(r["val_mdice"]) <= 1 for r in rows)
+    ckpt = read_checkpoint(run / "last.pt")  # torch.load(weights_only=True) inside
+    assert ckpt["model"] == "ultraseg-108k" and ckpt["epoch"] == 2 and "optimizer" in ckpt
+    assert ckpt["contract"]["size"] == 64 and ckpt["contract"]["mean"] is None
+    assert ckpt["config"]["train_split"] == str(tiny_split)
+    assert len(ckpt["splits"]["train"]) == 64 and ckpt["splits"]["train_n"] == 9 and ckpt["splits"]["val_n"] == 3
+    assert ckpt["edgeseg_version"]
+    model, contract, _ = load_model(best)
+    assert not model.training and contract.size == 64
+    assert "optimizer" not in read_checkpoint(best)
+
+
+def test_resume_after_interruption_is_bit_identical(tiny_split, data_root, tmp_path, monkeypatch):
+    train_mod.run(_cfg(tiny_split, data_root, tmp_path / "straight", epochs=3))
+    straight = read_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+
+    real_epoch = train_mod._train_epoch
+
+    def dies_in_epoch_3(cfg, net, criterion, opt, loader, epoch, rank):
+        if epoch == 2:
+            raise KeyboardInterrupt  # the session ends mid-epoch
+        return real_epoch(cfg, net, criterion, opt, loader, epoch, rank)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(_cfg(tiny_split, data_root, tmp_path / "resumed", epochs=3))
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
+    monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
+    train_mod.run(_cfg(tiny_split, data_root, tmp_path / "resumed", epochs=3), resume=True)
+    resumed = read_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert resumed["epoch"] == 3
+    for k, v in straight.items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    rows = list(csv.DictReader(open(tmp_path / "resumed" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_ranks_agree(tiny_split, data_root, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "edgeseg.cli", "train", "--train-split", str(tiny_split),
+           "--val-fraction", "0.25", "--epochs", "1", "--size", "64", "--batch-size", "2", "--threads", "1",
+           "--data-root", str(data_root), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and ranks["agree"] is True
+    assert ranks["checksums"][0] == ranks["checksums"][1]
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1
