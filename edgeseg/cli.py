@@ -25,38 +25,98 @@ DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Data f
 CkptArg = Annotated[Optional[Path], typer.Argument(help="edgeseg checkpoint (default: the shipped model).")]
 
 
-@app.command()
-def train(
-    model: Annotated[str, typer.Option(help="Model name; see `edgeseg models`.")] = "ultraseg-108k",
-    train_split: Annotated[str, typer.Option(help="Split file/name or seeded:<dataset>:<k>:<seed>:train.")] = "pranet-train",
-    val_split: Annotated[Optional[str], typer.Option(help="Validation split (default: carved from train).")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of train carved for validation.")] = None,
-    recipe: Annotated[str, typer.Option(help="default | ultraseg | malunet (the seed papers' recipes).")] = "default",
-    epochs: Annotated[Optional[int], typer.Option()] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    size: Annotated[Optional[int], typer.Option(help="Network input size (multiple of 32).")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile.")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 autocast.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads (0 = default).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk cache of decoded samples.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse non-binary masks.")] = False,
-    data_root: DataRootOpt = None,
-    out: Annotated[Path, typer.Option(help="Run folder (last.pt, best.pt, metrics.csv, curves.png).")] = Path("runs/train"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")] = False,
-):
-    """Train a model; writes last.pt every epoch and best.pt by validation mDice."""
+# Options shared by `train` and `distill`, defined once. None means "the recipe's default".
+TrainSplitOpt = Annotated[str, typer.Option(help="Split file/name or seeded:<dataset>:<k>:<seed>:train.")]
+ValSplitOpt = Annotated[Optional[str], typer.Option(help="Validation split (default: carved from train).")]
+ValFractionOpt = Annotated[Optional[float], typer.Option(help="Fraction of train carved for validation.")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (default: the recipe's).")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Batch size (default: the recipe's).")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the recipe's).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed of init, sampling, augmentation, val carve.")]
+SizeOpt = Annotated[Optional[int], typer.Option(help="Network input size (multiple of 32).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="Torch threads (0 = default).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers.")]
+CacheOpt = Annotated[Optional[Path], typer.Option(help="On-disk cache of decoded samples.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Refuse non-binary masks.")]
+OutOpt = Annotated[Path, typer.Option(help="Run folder (last.pt, best.pt, metrics.csv, curves.png).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")]
+
+
+def _train(recipe: str, resume: bool, cache_dir, data_root, strict: bool, out: Path, **options) -> None:
     from edgeseg.config import build_config
     from edgeseg.train import run
 
-    cfg = build_config(recipe, model=model, train_split=train_split, val_split=val_split, val_fraction=val_fraction,
-                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, compile=compile, bf16=bf16,
-                       threads=threads, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
-                       strict_masks=strict or None, data_root=str(data_root) if data_root else None, out=str(out))
+    cfg = build_config(recipe, cache_dir=str(cache_dir) if cache_dir else None, strict_masks=strict or None,
+                       data_root=str(data_root) if data_root else None, out=str(out), **options)
     _check_model_name(cfg.model)
     typer.echo(run(cfg, resume=resume))
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Model name; see `edgeseg models`.")] = "ultraseg-108k",
+    train_split: TrainSplitOpt = "pranet-train",
+    val_split: ValSplitOpt = None,
+    val_fraction: ValFractionOpt = None,
+    recipe: Annotated[str, typer.Option(help="default | ultraseg | malunet (the seed papers' recipes).")] = "default",
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    size: SizeOpt = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile.")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bf16 autocast.")] = None,
+    threads: ThreadsOpt = None,
+    workers: WorkersOpt = None,
+    cache_dir: CacheOpt = None,
+    strict: StrictOpt = False,
+    data_root: DataRootOpt = None,
+    out: OutOpt = Path("runs/train"),
+    resume: ResumeOpt = False,
+):
+    """Train a model; writes last.pt every epoch and best.pt by validation mDice."""
+    _train(recipe, resume, cache_dir, data_root, strict, out, model=model, train_split=train_split,
+           val_split=val_split, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+           size=size, compile=compile, bf16=bf16, threads=threads, workers=workers)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Teacher checkpoint (trained with `edgeseg train`).")],
+    student: Annotated[str, typer.Option(help="Student model name.")] = "microaunet",
+    recipe: Annotated[str, typer.Option(help="microaunet-2stage | kdas | feature | logit.")] = "microaunet-2stage",
+    stage1_epochs: Annotated[Optional[int], typer.Option(help="2-stage: epochs of stage 1 (default 60%).")] = None,
+    tau: Annotated[float, typer.Option(help="Temperature of the KL terms.")] = 2.0,
+    alpha: Annotated[Optional[float], typer.Option(help="KD weight (default 0.3 for kdas, else 1).")] = None,
+    rho: Annotated[float, typer.Option(help="2-stage: weight of the EMA-anchor regulariser.")] = 0.3,
+    contrast_weight: Annotated[float, typer.Option(help="2-stage: weight of the pixel contrastive loss.")] = 0.1,
+    train_split: TrainSplitOpt = "pranet-train",
+    val_split: ValSplitOpt = None,
+    val_fraction: ValFractionOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    size: SizeOpt = None,
+    threads: ThreadsOpt = None,
+    workers: WorkersOpt = None,
+    cache_dir: CacheOpt = None,
+    strict: StrictOpt = False,
+    data_root: DataRootOpt = None,
+    out: OutOpt = Path("runs/distill"),
+    resume: ResumeOpt = False,
+):
+    """Distil a frozen teacher into a student; checkpoints hold only the student (EMA in stage 2)."""
+    from edgeseg.config import DistillConfig
+    from edgeseg.distill import RECIPES
+
+    if recipe not in RECIPES:
+        raise EdgesegError(f"unknown distillation recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    kd = DistillConfig(teacher=str(teacher), recipe=recipe, stage1_epochs=stage1_epochs, tau=tau, alpha=alpha,
+                       rho=rho, contrast_weight=contrast_weight)
+    _train("default", resume, cache_dir, data_root, strict, out, model=student, train_split=train_split,
+           val_split=val_split, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+           size=size, threads=threads, workers=workers, distill=kd)
 
 
 @app.command()
@@ -140,6 +200,78 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+
+
+# --- deployment: target registry, calibration manifests, export -------------------------------------------
+
+calib_app = typer.Typer(no_args_is_help=True, help="Calibration manifests for int8 exports.")
+app.add_typer(calib_app, name="calib")
+
+
+@app.command()
+def targets():
+    """List the deployment targets (one targets/<id>.toml each); * marks the default precision."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeseg.targets import list_targets
+
+    table = Table("target", "backend", "device", "precisions", "artefact", "runtime")
+    for t in list_targets():
+        precisions = " ".join(p + ("*" if p == t.precision else "") for p in t.precisions)
+        table.add_row(t.id, t.backend, t.device, precisions, t.artefact, t.runtime.install)
+    Console(width=max(Console().width, 120)).print(table)
+
+
+@calib_app.command("make")
+def calib_make(
+    split: Annotated[str, typer.Option(help="Split to draw from; its carved validation part is excluded.")] = "pranet-train",
+    n: Annotated[int, typer.Option(help="Number of images.")] = 300,
+    exclude_split: Annotated[Optional[list[str]], typer.Option(help="Also exclude these splits (repeatable).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Validation fraction carved as training does.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the validation carve and of the draw.")] = 42,
+    out: Annotated[Path, typer.Option(help="Manifest to write (calibration/NAME.json).")] = ...,
+    data_root: DataRootOpt = None,
+):
+    """Write a calibration manifest: image ids + sha256 + source split (never the images)."""
+    from edgeseg.calibration import make_manifest, write_manifest
+    from edgeseg.data import resolve_data_root
+
+    manifest = make_manifest(split, resolve_data_root(data_root), n=n, exclude=tuple(exclude_split or ()),
+                             val_fraction=val_fraction, seed=seed)
+    typer.echo(f"{len(manifest['images'])} images from {split} -> {write_manifest(manifest, out)}")
+
+
+@app.command("export")
+def export_artefact(
+    checkpoint: CkptArg = None,
+    target: Annotated[str, typer.Option(help="Target id; see `edgeseg targets`.")] = ...,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 | fp16 | int8 (default: the target's).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration manifest (int8).")] = None,
+    max_dice_drop: Annotated[Optional[float], typer.Option(help="OpenVINO int8: accuracy-controlled "
+                                                           "quantization, max mDice drop on the parity split.")] = None,
+    parity_split: Annotated[Optional[str], typer.Option(help="Parity frames (default: 100 validation frames "
+                                                        "carved from pranet-train, seed 42).")] = None,
+    max_delta: Annotated[Optional[float], typer.Option(help="Parity budget on mDice (default by precision: "
+                                                       "fp32 0.001, fp16 0.003, int8 0.005).")] = None,
+    out: Annotated[Path, typer.Option(help="Artefact folder to write.")] = ...,
+    data_root: DataRootOpt = None,
+):
+    """Export a checkpoint for a target and gate it on parity with PyTorch (exit 3 when over budget)."""
+    from edgeseg.export import ParityFailure, export
+    from edgeseg.export.parity import summary_line
+
+    try:
+        result = export(checkpoint, target, out, precision=precision, calib=calib, parity_split=parity_split,
+                        max_delta=max_delta, max_dice_drop=max_dice_drop, data_root=data_root)
+    except ParityFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(3)
+    kept = result.config["backend_config"].get("kept_float")
+    if kept is not None:
+        typer.echo(f"kept in float by accuracy control ({len(kept)}): {', '.join(kept) or 'none'}")
+    typer.echo(f"parity ok, {summary_line(result.config['target'], result.config['precision'], result.parity)}")
+    typer.echo(result.path)
 
 if __name__ == "__main__":
     main()

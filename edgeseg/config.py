@@ -8,6 +8,18 @@ from edgeseg.errors import EdgesegError
 
 
 @dataclass
+class DistillConfig:
+    teacher: str  # teacher checkpoint (an edgeseg checkpoint trained with `edgeseg train`)
+    recipe: str = "microaunet-2stage"  # microaunet-2stage | kdas | feature | logit
+    stage1_epochs: int | None = None  # 2-stage only; None: 60% of the epochs
+    tau: float = 2.0  # temperature of the KL terms
+    alpha: float | None = None  # KD weight; None: 0.3 for kdas (its 0.7/0.3 mix), 1.0 otherwise
+    rho: float = 0.3  # weight of the EMA-anchor regulariser in stage 2
+    contrast_weight: float = 0.1  # weight of the pixel contrastive loss in stage 2
+    ema_decay: float = 0.995  # per optimiser step
+
+
+@dataclass
 class TrainConfig:
     model: str = "ultraseg-108k"
     train_split: str = "pranet-train"  # file, split name in <root>/splits, or seeded:<dataset>:<k>:<seed>:train
@@ -32,6 +44,7 @@ class TrainConfig:
     strict_masks: bool = False  # refuse non-binary masks instead of thresholding them
     cache_dir: str | None = None  # on-disk decoded-sample cache; None = decode in memory each run
     out: str = "runs/train"
+    distill: DistillConfig | None = None  # set by `edgeseg distill`
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from edgeseg.checkpoint import make_checkpoint, read_checkpoint, save_atomic
+from edgeseg.checkpoint import file_sha256, load_model, make_checkpoint, read_checkpoint, save_atomic
 from edgeseg.config import TrainConfig, config_differences
 from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root, split_hash
@@ -68,9 +68,58 @@ def _splits(cfg: TrainConfig, root: Path) -> tuple[list[str], list[str]]:
     return carve_validation(train_ids, cfg.val_fraction, cfg.seed)
 
 
+class PlainObjective(torch.nn.Module):
+    """Supervised training: the model's (deep-supervision) loss. Same interface as the Distiller."""
+
+    def __init__(self, student: torch.nn.Module, criterion: torch.nn.Module, compile: bool = False):
+        super().__init__()
+        self.student, self.criterion = student, criterion
+        # The compiled wrapper is kept off the module tree so checkpoints keep the plain state_dict keys.
+        self.__dict__["net"] = torch.compile(student) if compile else student
+
+    def forward(self, x, mask, boundary) -> dict:
+        return self.criterion(self.net(x), mask, boundary)
+
+    def set_epoch(self, epoch: float) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.student
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+def _objective(cfg: TrainConfig, model, criterion, contract: InputContract):
+    """The plain objective, or a Distiller around a frozen teacher whose input contract must match."""
+    if cfg.distill is None:
+        return PlainObjective(model, criterion, cfg.compile), None
+    from edgeseg.distill.distiller import Distiller
+
+    d = cfg.distill
+    if cfg.compile:
+        raise EdgesegError("--compile is not supported with distillation yet; drop --compile")
+    teacher, t_contract, t_ckpt = load_model(d.teacher)
+    mine = (contract.size, contract.mean, contract.std)
+    theirs = (t_contract.size, t_contract.mean, t_contract.std)
+    if mine != theirs:
+        raise EdgesegError(f"teacher {d.teacher} expects input (size, mean, std) = {theirs} but the student is "
+                           f"trained with {mine}; train the teacher with the student's contract or pass --size")
+    info = {"recipe": d.recipe, "teacher": t_ckpt["model"], "teacher_sha256": file_sha256(d.teacher)}
+    return Distiller(model, teacher, criterion, d.recipe, cfg.size, cfg.epochs, d.stage1_epochs, d.tau, d.alpha,
+                     d.rho, d.contrast_weight, d.ema_decay), info
+
+
 @torch.inference_mode()
 def validate(model: torch.nn.Module, data: SegDataset, batch_size: int = 16) -> dict:
     """Network-resolution metrics of ``model`` on a (non-augmented) dataset."""
+    was_training = model.training
     model.eval()
     metrics = SegMetrics()
     for start in range(0, len(data), batch_size):
@@ -79,11 +128,11 @@ def validate(model: torch.nn.Module, data: SegDataset, batch_size: int = 16) -> 
         probs = torch.sigmoid(model(x).float())[:, 0].numpy()
         for i, (p, it) in enumerate(zip(probs, items)):
             metrics.update(p, it[1][0].astype(bool), name=data.decoded.ids[start + i])
-    model.train()
+    model.train(was_training)
     return metrics.compute()
 
 
-def _resume(cfg: TrainConfig, out: Path, model, opt) -> tuple[int, float]:
+def _resume(cfg: TrainConfig, out: Path, objective, opt) -> tuple[int, float]:
     last = out / "last.pt"
     if not last.is_file():
         raise EdgesegError(f"--resume: no {last}; start without --resume or point --out at the run folder")
@@ -92,8 +141,11 @@ def _resume(cfg: TrainConfig, out: Path, model, opt) -> tuple[int, float]:
     if diff:
         pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
         raise EdgesegError(f"--resume with a different config ({pairs}); use the run's options or a new --out")
-    model.load_state_dict(ckpt["state_dict"])
-    opt.load_state_dict(ckpt["optimizer"])
+    # Runs started before train_state existed kept the student and optimizer at the top level.
+    state = ckpt.get("train_state") or {"student": ckpt["state_dict"], "optimizer": ckpt["optimizer"], "objective": {}}
+    objective.student.load_state_dict(state["student"])
+    objective.load_extra_state(state["objective"])
+    opt.load_state_dict(state["optimizer"])
     return ckpt["epoch"], ckpt.get("best_mdice", -1.0)
 
 
@@ -113,14 +165,14 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     train_data = SegDataset(load_decoded(root, train_ids, cfg.size, cache, cfg.strict_masks), contract,
                             Augment(seed=cfg.seed))
     val_data = SegDataset(load_decoded(root, val_ids, cfg.size, cache, cfg.strict_masks), contract)
-    criterion = SegLoss(model.region_weights, model.boundary_weights)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = _make_optimizer(cfg, model)
-    start_epoch, best = _resume(cfg, out, model, opt) if resume else (0, -1.0)
-    net = torch.compile(model) if cfg.compile else model
+    objective, distill_info = _objective(cfg, model, SegLoss(model.region_weights, model.boundary_weights), contract)
+    opt = _make_optimizer(cfg, objective)
+    start_epoch, best = _resume(cfg, out, objective, opt) if resume else (0, -1.0)
+    net = objective
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net)
+        net = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=cfg.distill is not None)
     splits = {"train": split_hash(train_ids), "val": split_hash(val_ids), "train_n": len(train_ids),
               "val_n": len(val_ids)}
     if rank == 0:
@@ -130,6 +182,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
 
     for epoch in range(start_epoch, cfg.epochs):
         train_data.augment.epoch = epoch
+        objective.set_epoch(epoch)
         sampler = (DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
                    if world > 1 else RandomSampler(train_data, generator=torch.Generator().manual_seed(cfg.seed + epoch)))
         if world > 1:
@@ -137,33 +190,37 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                             num_workers=cfg.workers, persistent_workers=False)
         t0 = time.perf_counter()
-        train_loss = _train_epoch(cfg, net, criterion, opt, loader, epoch, rank)
+        train_loss = _train_epoch(cfg, net, objective, opt, loader, epoch, rank)
         elapsed = time.perf_counter() - t0
         if rank == 0:
-            val = validate(model, val_data)
+            eval_model = objective.eval_model()
+            val = validate(eval_model, val_data)
             improved = val["mdice"] > best
             best = max(best, val["mdice"])
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss,
                    "val_mdice": val["mdice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
                    "epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
-            extra = dict(config=cfg.to_dict(), splits=splits, epoch=epoch + 1, metrics=row, best_mdice=best)
+            extra = dict(config=cfg.to_dict(), splits=splits, epoch=epoch + 1, metrics=row, best_mdice=best,
+                         distill=distill_info)
             if improved:
-                save_atomic(make_checkpoint(model, contract, **extra), out / "best.pt")
-            save_atomic(make_checkpoint(model, contract, optimizer=opt.state_dict(), **extra), out / "last.pt")
+                save_atomic(make_checkpoint(eval_model, contract, **extra), out / "best.pt")
+            train_state = {"student": model.state_dict(), "optimizer": opt.state_dict(),
+                           "objective": objective.extra_state()}
+            save_atomic(make_checkpoint(eval_model, contract, train_state=train_state, **extra), out / "last.pt")
             _log_epoch(out, row)
             log.info("epoch %d/%d loss %.4f val mDice %.4f (best %.4f) %.1f img/s", epoch + 1, cfg.epochs,
                      train_loss, val["mdice"], best, row["img_per_s"])
         if world > 1:
             dist.barrier()
     if world > 1:
-        _check_ranks_agree(model, out, rank, world)
+        _check_ranks_agree(objective.eval_model(), out, rank, world)
     return out / "best.pt"
 
 
-def _train_epoch(cfg, net, criterion, opt, loader, epoch: int, rank: int) -> float:
+def _train_epoch(cfg, net, objective, opt, loader, epoch: int, rank: int) -> float:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    net.train()
+    objective.train()
     total, n = 0.0, 0
     steps = len(loader)
     cols = (TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
@@ -175,12 +232,13 @@ def _train_epoch(cfg, net, criterion, opt, loader, epoch: int, rank: int) -> flo
                 group["lr"] = _lr_at(cfg, epoch * steps + i, steps)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            objective.set_epoch(epoch + i / steps)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = net(x)
-            loss = criterion(out, mask, bnd)["loss"]
+                loss = net(x, mask, bnd)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            objective.after_step()
             total, n = total + loss.item(), n + 1
             bar.update(task, advance=1, loss=total / n)
     return total / max(n, 1)

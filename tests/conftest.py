@@ -20,6 +20,15 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def authors_weights() -> Path:
+    """The UltraSeg authors' released 130K state_dict (shared/weights)."""
+    path = REPO.parent / "shared" / "weights" / "ultraseg-130k-authors.pth"
+    if not path.is_file():
+        pytest.fail(f"released weights missing at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_split(data_root, tmp_path_factory) -> Path:
     """12 real training frames (6 Kvasir-SEG, 6 CVC-ClinicDB) as a split file."""
     ids = (data_root / "splits" / "pranet-train.txt").read_text().split()

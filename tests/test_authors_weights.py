@@ -4,8 +4,6 @@ nearest-resized masks thresholded at 127)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,15 +13,12 @@ from edgeseg.errors import EdgesegError
 from edgeseg.evaluate import evaluate_split, torch_logits_fn
 from edgeseg.models.authors import import_released
 
-WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "ultraseg-130k-authors.pth"
 AUTHORS_MDICE = {"pranet-test-kvasir": 0.882, "pranet-test-cvc-clinicdb": 0.856}
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    if not WEIGHTS.is_file():
-        pytest.fail(f"released weights missing at {WEIGHTS}")
-    return import_released("ultraseg-130k", WEIGHTS, tmp_path_factory.mktemp("w") / "authors.pt")
+def imported(tmp_path_factory, authors_weights):
+    return import_released("ultraseg-130k", authors_weights, tmp_path_factory.mktemp("w") / "authors.pt")
 
 
 @pytest.mark.parametrize("split", sorted(AUTHORS_MDICE))
@@ -38,13 +33,13 @@ def test_released_weights_reproduce_the_authors_dice(imported, data_root, split)
 
 def test_released_scalars_land_where_the_spec_says(imported):
     model, _, _ = load_model(imported)
-    assert float(model.attention_alpha) == pytest.approx(0.235, abs=1e-3)
-    assert float(model.encoder3[1].res_weight) == pytest.approx(0.201, abs=1e-3)
-    assert float(model.merge4.region_weight) == pytest.approx(0.067, abs=1e-3)
+    assert model.attention_alpha.item() == pytest.approx(0.235, abs=1e-3)
+    assert model.encoder3[1].res_weight.item() == pytest.approx(0.201, abs=1e-3)
+    assert model.merge4.region_weight.item() == pytest.approx(0.067, abs=1e-3)
 
 
-def test_foreign_keys_are_refused(tmp_path):
-    sd = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+def test_foreign_keys_are_refused(tmp_path, authors_weights):
+    sd = torch.load(authors_weights, map_location="cpu", weights_only=True)
     sd["head.extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "other.pth")
     with pytest.raises(EdgesegError, match="head.extra.weight"):

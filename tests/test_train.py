@@ -30,14 +30,14 @@ def test_training_writes_complete_checkpoints(tiny_split, data_root, tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(0 <= float(r["val_mdice"]) <= 1 for r in rows)
     ckpt = read_checkpoint(run / "last.pt")  # torch.load(weights_only=True) inside
-    assert ckpt["model"] == "ultraseg-108k" and ckpt["epoch"] == 2 and "optimizer" in ckpt
+    assert ckpt["model"] == "ultraseg-108k" and ckpt["epoch"] == 2 and "optimizer" in ckpt["train_state"]
     assert ckpt["contract"]["size"] == 64 and ckpt["contract"]["mean"] is None
     assert ckpt["config"]["train_split"] == str(tiny_split)
     assert len(ckpt["splits"]["train"]) == 64 and ckpt["splits"]["train_n"] == 9 and ckpt["splits"]["val_n"] == 3
     assert ckpt["edgeseg_version"]
     model, contract, _ = load_model(best)
     assert not model.training and contract.size == 64
-    assert "optimizer" not in read_checkpoint(best)
+    assert "train_state" not in read_checkpoint(best)
 
 
 def test_resume_after_interruption_is_bit_identical(tiny_split, data_root, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeseg.models._registry import SegModel, register_model
+from edgeseg.models.malunet import init_family_weights
 
 __all__ = ["UltraSeg"]
 
@@ -201,7 +202,7 @@ class UltraSeg(SegModel):
         self.merge4 = AdaptiveMerge(c4, use_boundary=False)
         self.merge3, self.merge2, self.merge1 = (AdaptiveMerge(c, use_boundary=True) for c in (c3, c2, c1))
         self.final = nn.Sequential(nn.Conv2d(c1, num_classes, 1))
-        self.apply(_init_weights)
+        self.apply(init_family_weights)  # the init shared across the seed code (SPEC B §1)
 
     def forward_all(self, x: torch.Tensor) -> dict:
         gelu = F.gelu
@@ -241,15 +242,6 @@ class UltraSeg(SegModel):
             "features": [t1, t2, t3, t4],
             "embedding": d4,
         }
-
-
-def _init_weights(m: nn.Module) -> None:
-    # The MALUNet-family init used across the seed code: He-normal on fan-out per group, zero bias.
-    if isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 @register_model
