@@ -212,6 +212,7 @@ app.add_typer(calib_app, name="calib")
 def targets():
     """List the deployment targets (one targets/<id>.toml each); * marks the default precision."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from edgeseg.targets import list_targets
@@ -219,13 +220,13 @@ def targets():
     table = Table("target", "backend", "device", "precisions", "artefact", "runtime")
     for t in list_targets():
         precisions = " ".join(p + ("*" if p == t.precision else "") for p in t.precisions)
-        table.add_row(t.id, t.backend, t.device, precisions, t.artefact, t.runtime.install)
+        table.add_row(t.id, t.backend, t.device, precisions, t.artefact, escape(t.runtime.install))
     Console(width=max(Console().width, 120)).print(table)
 
 
 @calib_app.command("make")
 def calib_make(
-    split: Annotated[str, typer.Option(help="Split to draw from; its carved validation part is excluded.")] = "pranet-train",
+    split: Annotated[str, typer.Option(help="Split to draw from, minus its carved validation part.")] = "pranet-train",
     n: Annotated[int, typer.Option(help="Number of images.")] = 300,
     exclude_split: Annotated[Optional[list[str]], typer.Option(help="Also exclude these splits (repeatable).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation fraction carved as training does.")] = 0.1,
@@ -272,6 +273,7 @@ def export_artefact(
         typer.echo(f"kept in float by accuracy control ({len(kept)}): {', '.join(kept) or 'none'}")
     typer.echo(f"parity ok, {summary_line(result.config['target'], result.config['precision'], result.parity)}")
     typer.echo(result.path)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,309 @@
+"""Export a checkpoint for one deployment target, then gate it on parity with PyTorch.
+
+    edgeseg export CKPT --target openvino-cpu --precision int8 --calib calibration/pranet-train-300.json --out art/
+
+Pipeline (the same for every target): validate every input -> prepare (fold BN and UltraSeg's gates,
+logits only) -> ONNX intermediate (opset 17, onnxslim, metadata_props) -> the target's backend module
+``edgeseg.export.<backend>`` -> config.json -> parity on held-out real frames -> parity.json. Everything is
+built in a temp folder beside ``--out`` and renamed at the end; an artefact over its parity budget is kept
+as ``<out>.rejected`` and :class:`ParityFailure` is raised.
+
+A backend module provides ``export(source, request, out_dir) -> (model_path, info)`` and
+``load_runner(path, target, device=None) -> logits_fn``; nothing else in the pipeline knows a runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeseg import __version__
+from edgeseg.errors import EdgesegError
+from edgeseg.export.parity import ParityFailure
+from edgeseg.targets import Target, get_target
+
+__all__ = ["export", "load_runner", "backend_module", "require_runtime", "ExportResult", "ParityFailure"]
+
+log = logging.getLogger(__name__)
+ARTEFACT_FORMAT, ARTEFACT_FORMAT_VERSION = "edgeseg-artefact", 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """What every backend starts from."""
+    model: object           # the checkpoint's model as trained, in eval mode (for backends with their own prep)
+    module: object          # the prepared torch module: (B, 3, S, S) -> (B, 1, S, S) logits
+    contract: object        # InputContract
+    onnx_path: Path         # the simplified ONNX intermediate, with metadata_props
+    metadata: dict          # edgeseg.* provenance keys (strings), also written into the artefact
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    target: Target
+    precision: str
+    calib: object = None          # (N, 3, S, S) float32 calibration inputs for int8, else None
+    max_dice_drop: float | None = None
+    validation: object = None     # parity Frames, for accuracy-controlled quantization
+
+
+@dataclass
+class ExportResult:
+    path: Path                    # the artefact folder (``<out>`` or ``<out>.rejected``)
+    config: dict
+    parity: dict
+    rejected: bool = False
+
+
+def backend_module(target: Target):
+    """The backend module of ``target``; a planned backend without a module is an EdgesegError."""
+    name = f"edgeseg.export.{target.backend}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise EdgesegError(f"target {target.id!r}: backend {name} is not implemented in this edgeseg "
+                           "version") from None
+
+
+def require_runtime(target: Target) -> None:
+    """Refuse early, with the install line, when a package the target's backend needs is missing."""
+    for pkg in target.runtime.packages:
+        if _missing(pkg):
+            raise EdgesegError(f"target {target.id!r} needs the Python package {pkg!r}, which is not "
+                               f"installed: {target.runtime.install}")
+
+
+def _missing(pkg: str) -> bool:
+    if pkg in sys.modules:
+        return sys.modules[pkg] is None  # a None entry blocks the import
+    try:
+        return importlib.util.find_spec(pkg) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def load_runner(path: str | os.PathLike, device: str | None = None):
+    """The runner of an artefact folder (or its model file), through the backend recorded in config.json."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config = read_config(folder)
+    target = get_target(config["target"])
+    return backend_module(target).load_runner(folder / config["artefact"], target, device=device)
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise EdgesegError(f"{folder} is not an edgeseg artefact folder (no readable config.json)") from None
+    if config.get("format") != ARTEFACT_FORMAT:
+        raise EdgesegError(f"{folder}/config.json is not an edgeseg artefact config")
+    return config
+
+
+def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.PathLike, *,
+           precision: str | None = None, calib: str | os.PathLike | None = None,
+           parity_split: str | None = None, max_delta: float | None = None,
+           max_dice_drop: float | None = None, data_root: str | os.PathLike | None = None) -> ExportResult:
+    """Export ``checkpoint`` (None = the shipped model) for ``target_id`` into the folder ``out``.
+
+    Raises:
+        EdgesegError: bad input (unknown target/precision, missing runtime, bad manifest, unwritable out...).
+        ParityFailure: the artefact missed its budget; it was kept as ``<out>.rejected``.
+    """
+    from edgeseg.calibration import check_manifest, read_manifest
+    from edgeseg.checkpoint import DEFAULT_MODEL, file_sha256, load_model
+    from edgeseg.data.splits import resolve_data_root
+    from edgeseg.export.parity import budget, resolve_parity_ids
+
+    target = get_target(target_id)
+    precision = target.resolve_precision(precision)
+    _check_options(target, precision, calib, max_dice_drop, max_delta)
+    backend = backend_module(target)
+    require_runtime(target)
+    out = Path(out)
+    _check_out(out)
+    model, contract, ckpt = load_model(checkpoint)
+    root = resolve_data_root(data_root)
+    parity_ids, parity_desc = resolve_parity_ids(parity_split, root)
+    manifest = None
+    if target.needs_calibration(precision):
+        manifest = read_manifest(calib)
+        check_manifest(manifest, root, parity_ids, f"the parity split ({parity_desc})")
+    ckpt_path = Path(checkpoint) if checkpoint is not None else DEFAULT_MODEL
+    provenance = {"model": ckpt["model"], "checkpoint": ckpt_path.name, "checkpoint_sha256": file_sha256(ckpt_path),
+                  "calibration_sha256": manifest.hash if manifest else "none"}
+    with _staging(out) as tmp:
+        result = _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, root,
+                        (parity_ids, parity_desc), budget(precision, max_delta), max_dice_drop, backend)
+        rejected = result.parity["delta"] > result.parity["budget"]
+        result.path = _commit(tmp, out.with_name(out.name + ".rejected") if rejected else out)
+        result.rejected = rejected
+    if rejected:
+        from edgeseg.export.parity import summary_line
+
+        raise ParityFailure(f"parity failed, {summary_line(target.id, precision, result.parity)}; artefact kept "
+                            f"at {result.path}", result.path)
+    return result
+
+
+def _check_options(target: Target, precision: str, calib, max_dice_drop, max_delta) -> None:
+    if target.needs_calibration(precision) and calib is None:
+        raise EdgesegError(f"{target.id} {precision} needs a calibration manifest: pass --calib MANIFEST "
+                           "(e.g. calibration/pranet-train-300.json, or make one with `edgeseg calib make`)")
+    if calib is not None and not target.needs_calibration(precision):
+        raise EdgesegError(f"--calib only applies to int8; {target.id} {precision} is not calibrated")
+    if max_dice_drop is not None and (precision != "int8" or target.backend != "openvino"):
+        raise EdgesegError("--max-dice-drop (accuracy-controlled quantization) applies only to OpenVINO int8")
+    for name, value in (("--max-dice-drop", max_dice_drop), ("--max-delta", max_delta)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise EdgesegError(f"{name} must be in [0, 1), got {value}")
+
+
+def _is_artefact_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == ARTEFACT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_artefact_folder(out))):
+        raise EdgesegError(f"--out {out} exists and is not an edgeseg artefact folder; choose another path "
+                           "(an earlier artefact folder would be replaced)")
+
+
+class _staging:
+    """A temp folder beside ``out``: removed on any error, so nothing is ever half-written."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self) -> Path:
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp"))
+        except OSError as e:
+            raise EdgesegError(f"cannot write the artefact folder {self.out}: {e.strerror or e}") from None
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _commit(tmp: Path, dest: Path) -> Path:
+    """Rename ``tmp`` to ``dest``, replacing an earlier artefact folder there."""
+    _check_out(dest)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the artefact is an ordinary folder
+    backup = None
+    if dest.exists():
+        backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, backup)
+    os.replace(tmp, dest)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return dest
+
+
+def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, root, parity_split,
+           max_delta, max_dice_drop, backend) -> ExportResult:
+    from edgeseg.calibration import load_images
+    from edgeseg.evaluate import torch_logits_fn
+    from edgeseg.export._prepare import prepare_for_inference
+    from edgeseg.export.onnx import torch_to_onnx
+    from edgeseg.export.parity import load_frames, measure, run_batched
+
+    times = {}
+    t0 = time.perf_counter()
+    prepared, prep_report = prepare_for_inference(model, contract.size)
+    metadata = _onnx_metadata(contract, provenance)
+    work = tmp / ".work"
+    work.mkdir()
+    onnx_path = torch_to_onnx(prepared, contract.size, work / "intermediate.onnx", metadata)
+    times["prepare_and_onnx"] = time.perf_counter() - t0
+    frames = load_frames(root, parity_split[0], contract, parity_split[1])
+    calib = load_images(manifest, root, contract) if manifest else None
+    request = ExportRequest(target, precision, calib, max_dice_drop, frames)
+    t1 = time.perf_counter()
+    artefact, info = backend.export(Source(model, prepared, contract, onnx_path, metadata), request, tmp)
+    times["backend"] = time.perf_counter() - t1
+    shutil.rmtree(work)
+    config = _config(target, precision, artefact, ckpt, contract, provenance, manifest, prep_report, info)
+    _write_json(tmp / "config.json", config)
+    t2 = time.perf_counter()
+    runner = backend.load_runner(artefact, target, device=info.get("parity_device"))
+    logits = run_batched(runner, frames.x)
+    ref = run_batched(torch_logits_fn(model), frames.x)
+    parity = {**measure(ref, logits, frames.masks), "budget": max_delta, "precision": precision,
+              "target": target.id, "split": frames.description, "ids": list(frames.ids),
+              "runtime": getattr(runner, "effective", {})}
+    times["parity"] = time.perf_counter() - t2
+    times["total"] = time.perf_counter() - t0
+    config["timings_s"] = {k: round(v, 2) for k, v in times.items()}
+    _write_json(tmp / "config.json", config)
+    _write_json(tmp / "parity.json", parity)
+    return ExportResult(tmp, config, parity)
+
+
+def _onnx_metadata(contract, provenance: dict) -> dict[str, str]:
+    return {
+        "edgeseg.version": __version__,
+        "edgeseg.model": provenance["model"],
+        "edgeseg.checkpoint_sha256": provenance["checkpoint_sha256"],
+        "edgeseg.calibration_sha256": provenance["calibration_sha256"],
+        "edgeseg.input_contract": json.dumps(contract.to_dict(), sort_keys=True),
+    }
+
+
+def _config(target, precision, artefact, ckpt, contract, provenance, manifest, prep_report, info) -> dict:
+    from edgeseg.checkpoint import git_sha
+
+    s = contract.size
+    return {
+        "format": ARTEFACT_FORMAT, "format_version": ARTEFACT_FORMAT_VERSION,
+        "target": target.id, "backend": target.backend, "device": target.device, "precision": precision,
+        "artefact": artefact.name,
+        "model_files": sorted(p.name for p in artefact.parent.iterdir() if not p.name.startswith(".")),
+        "model": ckpt["model"], "model_kwargs": ckpt.get("model_kwargs", {}),
+        "checkpoint": {"file": provenance["checkpoint"], "sha256": provenance["checkpoint_sha256"]},
+        "input_contract": contract.to_dict(),
+        "input": {"name": "input", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": contract.layout},
+        "output": {"name": "logits", "shape": ["batch", 1, s, s], "dtype": "float32",
+                   "mask": f"sigmoid(logits) > {contract.threshold}"},
+        "calibration": None if manifest is None else {
+            "sha256": manifest.hash, "manifest": manifest.path.name, "split": manifest.split,
+            "n_images": len(manifest.ids)},
+        "edgeseg_version": __version__, "git_sha": git_sha(),
+        "runtime_versions": _versions(target),
+        "prepare": prep_report,
+        "backend_config": info,
+    }
+
+
+def _versions(target: Target) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", *target.runtime.packages):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")

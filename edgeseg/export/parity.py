@@ -1,0 +1,102 @@
+"""The parity gate: an artefact, run by its own runtime, against the PyTorch model on the same real frames.
+
+Reported (``parity.json``): ``mdice_ref`` and ``mdice`` (mean per-image Dice at network resolution, as
+``edgeseg evaluate`` computes it), ``delta`` = mdice_ref - mdice, ``worst_image_drop`` (largest per-image
+Dice loss), ``pixel_agreement`` (fraction of pixels whose mask, logit > 0, matches PyTorch's) and
+``max_abs_logit_diff``. The export is rejected when ``delta`` exceeds the precision's budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeseg.errors import EdgesegError
+
+# Largest allowed mDice loss of an artefact against PyTorch, by precision (override with --max-delta).
+MAX_DELTA = {"fp32": 0.001, "fp16": 0.003, "int8": 0.005}
+# Default parity split: the first frames of the validation set that training carves from pranet-train.
+DEFAULT_SPLIT, DEFAULT_VAL_FRACTION, DEFAULT_SEED, DEFAULT_N = "pranet-train", 0.1, 42, 100
+BATCH = 8
+
+
+class ParityFailure(Exception):
+    """The artefact was built but misses its budget; the CLI exits 3 (not an input error)."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class Frames:
+    ids: tuple[str, ...]
+    x: np.ndarray           # (N, 3, S, S) float32, through the input contract
+    masks: np.ndarray       # (N, S, S) bool ground truth at network size
+    description: str        # how the split was chosen, for the record
+
+
+def resolve_parity_ids(spec: str | None, root: Path) -> tuple[list[str], str]:
+    """``spec`` (any split spec) or, by default, ``carve_validation(pranet-train, 0.1, 42)[1][:100]``."""
+    from edgeseg.data.splits import carve_validation, read_split
+
+    if spec is not None:
+        return read_split(spec, root), spec
+    ids = carve_validation(read_split(DEFAULT_SPLIT, root), DEFAULT_VAL_FRACTION, DEFAULT_SEED)[1][:DEFAULT_N]
+    return ids, (f"carve_validation({DEFAULT_SPLIT}, {DEFAULT_VAL_FRACTION}, seed={DEFAULT_SEED})"
+                 f"[val][:{DEFAULT_N}]")
+
+
+def load_frames(root: Path, ids: list[str], contract, description: str) -> Frames:
+    from edgeseg.contract import resize_mask
+    from edgeseg.data.io import read_pair
+    from edgeseg.data.splits import image_path, mask_path
+
+    xs, masks = [], []
+    for sid in ids:
+        img, mask = read_pair(image_path(root, sid), mask_path(root, sid))
+        xs.append(contract.preprocess(img))
+        masks.append(resize_mask(mask, contract.size).astype(bool))
+    return Frames(tuple(ids), np.concatenate(xs), np.stack(masks), description)
+
+
+def run_batched(fn, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(x[i:i + batch]), np.float32) for i in range(0, len(x), batch)])
+
+
+def dice_per_image(logits: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per-image Dice of (logit > 0) against ``masks``; 1.0 when both are empty (edgeseg.metrics rules)."""
+    pred = logits[:, 0] > 0
+    tp = (pred & masks).sum((1, 2))
+    den = pred.sum((1, 2)) + masks.sum((1, 2))
+    return np.where(den == 0, 1.0, 2.0 * tp / np.maximum(den, 1))
+
+
+def measure(ref_logits: np.ndarray, logits: np.ndarray, masks: np.ndarray) -> dict:
+    """The parity numbers of one artefact. Shapes: logits (N, 1, S, S), masks (N, S, S) bool."""
+    if logits.shape != ref_logits.shape:
+        raise EdgesegError(f"artefact output shape {logits.shape} != PyTorch output shape {ref_logits.shape}")
+    d_ref, d_art = dice_per_image(ref_logits, masks), dice_per_image(logits, masks)
+    mdice_ref, mdice = float(d_ref.mean()), float(d_art.mean())
+    return {
+        "mdice_ref": mdice_ref,
+        "mdice": mdice,
+        "delta": mdice_ref - mdice,
+        "worst_image_drop": float((d_ref - d_art).max()),
+        "pixel_agreement": float(((ref_logits > 0) == (logits > 0)).mean()),
+        "max_abs_logit_diff": float(np.abs(ref_logits - logits).max()),
+        "n_images": int(len(masks)),
+    }
+
+
+def budget(precision: str, max_delta: float | None) -> float:
+    return MAX_DELTA[precision] if max_delta is None else float(max_delta)
+
+
+def summary_line(target_id: str, precision: str, p: dict) -> str:
+    return (f"{target_id} {precision}: delta {p['delta']:+.5f} (budget {p['budget']}) mdice_ref "
+            f"{p['mdice_ref']:.4f} mdice {p['mdice']:.4f} worst_image_drop {p['worst_image_drop']:.4f} "
+            f"pixel_agreement {p['pixel_agreement']:.5f} max_abs_logit_diff {p['max_abs_logit_diff']:.3g} "
+            f"on {p['n_images']} images")

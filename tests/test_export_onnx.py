@@ -1,0 +1,225 @@
+"""Export preparation (BN and gate folding), the ONNX target end to end on real frames, the artefact
+metadata, the parity gate's rejection path and the export CLI's bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic
+from edgeseg.contract import InputContract
+from edgeseg.export._prepare import fold_bn_into_following_conv, prepare_for_inference
+from edgeseg.export.parity import MAX_DELTA, dice_per_image, load_frames
+from edgeseg.metrics import dice
+from edgeseg.models import create_model
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxslim")
+pytest.importorskip("onnxruntime")
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+CONFIG_KEYS = {"format", "target", "backend", "device", "precision", "artefact", "model_files", "model",
+               "checkpoint", "input_contract", "input", "output", "calibration", "edgeseg_version",
+               "runtime_versions", "prepare", "backend_config", "timings_s"}
+PARITY_KEYS = {"mdice_ref", "mdice", "delta", "worst_image_drop", "pixel_agreement", "max_abs_logit_diff",
+               "n_images", "budget", "precision", "target", "split", "ids"}
+
+
+@pytest.fixture(scope="session")
+def authors_ckpt(tmp_path_factory):
+    """The UltraSeg authors' released 130K weights as an edgeseg checkpoint."""
+    from edgeseg.models.authors import import_released
+
+    weights = WEIGHTS / "ultraseg-130k-authors.pth"
+    return import_released("ultraseg-130k", weights, tmp_path_factory.mktemp("ckpt") / "authors.pt")
+
+
+@pytest.fixture(scope="session")
+def parity16(data_root, tmp_path_factory):
+    """16 frames of the default parity split (validation carved from pranet-train, seed 42)."""
+    from edgeseg.export.parity import resolve_parity_ids
+
+    ids, _ = resolve_parity_ids(None, data_root)
+    path = tmp_path_factory.mktemp("splits") / "parity16.txt"
+    path.write_text("\n".join(ids[:16]) + "\n")
+    return path
+
+
+def _one_line_error(code, err, *needles, exit_code=2):
+    assert code == exit_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+# --- preparation -------------------------------------------------------------------------------------------
+
+def test_folding_keeps_the_authors_model_outputs(authors_ckpt, data_root, parity16):
+    model, contract, _ = load_model(authors_ckpt)
+    prepared, report = prepare_for_inference(model, contract.size)
+    assert report["bn_folded"] == 4 and report["gates_folded"] == 4  # 3 Down + 1 spatial-attention BN; 4 GSBs
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    frames = load_frames(data_root, parity16.read_text().split(), contract, "parity16")
+    x = torch.from_numpy(frames.x[:4])
+    with torch.inference_mode():
+        ref, got = model(x), prepared(x)
+    assert got.shape == ref.shape == (4, 1, 256, 256)
+    diff = float((ref - got).abs().max())
+    assert diff < 1e-3 * float(ref.abs().max()), diff  # float rounding only, on |logits| up to ~25
+    assert ((ref > 0) == (got > 0)).float().mean() > 0.9999
+
+
+@pytest.mark.parametrize("name, size", [("ultraseg-108k", 64), ("microaunet", 256)])
+def test_folding_is_exact_with_trained_like_batchnorm(name, size):
+    torch.manual_seed(0)
+    model = create_model(name).eval().double()  # float64: the folds are exact algebra, not approximations
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    prepared, report = prepare_for_inference(model, size)
+    assert report["bn_folded"] == (3 if name.startswith("ultraseg") else 42)
+    x = torch.rand(2, 3, size, size, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_bn_before_an_unpadded_conv_folds_exactly():
+    torch.manual_seed(1)
+    bn, conv = nn.BatchNorm2d(6).eval(), nn.Conv2d(6, 5, 2, stride=2)
+    bn.running_mean.uniform_(-2, 2), bn.running_var.uniform_(0.2, 3)
+    nn.init.uniform_(bn.weight, -1, 1), nn.init.uniform_(bn.bias, -1, 1)
+    x = torch.randn(3, 6, 8, 8, dtype=torch.float64)
+    bn, conv = bn.double(), conv.double()
+    with torch.no_grad():
+        ref = conv(bn(x))
+        fold_bn_into_following_conv(bn, conv)
+        torch.testing.assert_close(conv(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_vectorised_dice_matches_metrics():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 1, 32, 32)).astype(np.float32)
+    masks = rng.random((5, 32, 32)) > 0.6
+    masks[4] = False
+    logits[4] = -1.0  # both empty -> 1.0
+    want = [dice(logits[i, 0] > 0, masks[i]) for i in range(5)]
+    np.testing.assert_allclose(dice_per_image(logits, masks), want)
+
+
+# --- the onnx target end to end ----------------------------------------------------------------------------
+
+def test_onnx_export_parity_and_metadata(cli, authors_ckpt, data_root, parity16, tmp_path):
+    import onnx
+
+    from edgeseg.checkpoint import file_sha256
+    from edgeseg.export import load_runner
+
+    out = tmp_path / "art"
+    code, stdout, err = cli("export", authors_ckpt, "--target", "onnx", "--parity-split", parity16,
+                            "--data-root", data_root, "--out", out)
+    assert code == 0, err
+    assert "parity ok" in stdout and stdout.strip().splitlines()[-1] == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx", "parity.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    config, parity = json.loads((out / "config.json").read_text()), json.loads((out / "parity.json").read_text())
+    assert CONFIG_KEYS <= set(config) and PARITY_KEYS <= set(parity)
+    assert config["target"] == "onnx" and config["precision"] == "fp32" and config["model"] == "ultraseg-130k"
+    assert config["checkpoint"]["sha256"] == file_sha256(authors_ckpt)
+    assert config["input_contract"] == InputContract(size=256).to_dict() and config["calibration"] is None
+    assert config["runtime_versions"]["onnxruntime"] and config["runtime_versions"]["torch"].startswith("2.13")
+    assert parity["n_images"] == 16 and parity["budget"] == MAX_DELTA["fp32"] == 0.001
+    assert abs(parity["delta"]) <= 0.001 and parity["pixel_agreement"] > 0.9999
+    assert parity["max_abs_logit_diff"] < 0.05 and 0.5 < parity["mdice_ref"] <= 1.0
+
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(meta["edgeseg.input_contract"]) == config["input_contract"]
+    assert meta["edgeseg.model"] == "ultraseg-130k" and meta["edgeseg.calibration_sha256"] == "none"
+    assert meta["edgeseg.checkpoint_sha256"] == config["checkpoint"]["sha256"] and meta["edgeseg.version"]
+
+    frames = load_frames(data_root, parity["ids"][:3], InputContract(size=256), "x")
+    logits = load_runner(out)(frames.x)
+    assert logits.shape == (3, 1, 256, 256) and logits.dtype == np.float32
+
+
+def test_cli_defaults_export_the_default_parity_split(cli, authors_ckpt, data_root, tmp_path):
+    out = tmp_path / "art"
+    code, _, err = cli("export", authors_ckpt, "--target", "onnx", "--data-root", data_root, "--out", out)
+    assert code == 0, err
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["n_images"] == 100 and parity["split"].startswith("carve_validation(pranet-train, 0.1, seed=42)")
+    assert parity["delta"] <= 0.001
+    # exporting again replaces the earlier artefact folder
+    code, _, err = cli("export", authors_ckpt, "--target", "onnx", "--data-root", data_root, "--out", out,
+                       "--parity-split", "pranet-test-cvc-clinicdb")
+    assert code == 0, err
+    assert json.loads((out / "parity.json").read_text())["n_images"] == 62
+
+
+def test_over_budget_is_kept_as_rejected_with_exit_3(cli, authors_ckpt, data_root, parity16, tmp_path,
+                                                      monkeypatch):
+    import edgeseg.export.parity as parity_mod
+
+    monkeypatch.setitem(parity_mod.MAX_DELTA, "fp32", -1.0)  # an impossible budget: better than PyTorch by 1
+    out = tmp_path / "art"
+    code, stdout, err = cli("export", authors_ckpt, "--target", "onnx", "--parity-split", parity16,
+                            "--data-root", data_root, "--out", out)
+    _one_line_error(code, err, "parity failed", "delta", "budget -1.0", "mdice_ref", "pixel_agreement",
+                    "max_abs_logit_diff", "art.rejected", exit_code=3)
+    assert not out.exists()
+    rejected = tmp_path / "art.rejected"
+    assert (rejected / "model.onnx").is_file() and json.loads((rejected / "parity.json").read_text())["budget"] == -1
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+def test_unknown_target_and_precision(cli, authors_ckpt, tmp_path):
+    out = tmp_path / "art"
+    _one_line_error(*cli("export", authors_ckpt, "--target", "openvino", "--out", out)[::2],
+                    "unknown target 'openvino'", "Did you mean 'openvino-cpu'")
+    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--precision", "int4", "--out", out)[::2],
+                    "unknown precision 'int4'", "int8")
+    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--precision", "fp16", "--out", out)[::2],
+                    "target 'onnx' supports fp32, not fp16", "openvino-cpu")
+    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--calib", "x.json", "--out", out)[::2],
+                    "--calib only applies to int8")
+    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--max-dice-drop", "0.01", "--out", out)[::2],
+                    "--max-dice-drop", "OpenVINO int8")
+    _one_line_error(*cli("export", authors_ckpt, "--target", "tensorrt-jetson", "--out", out)[::2],
+                    "tensorrt-jetson")
+    assert not out.exists()
+
+
+def test_checkpoint_of_an_unknown_model(cli, tmp_path):
+    ckpt = make_checkpoint(create_model("ultraseg-108k"), InputContract())
+    ckpt["model"] = "ultraseg-108q"
+    save_atomic(ckpt, tmp_path / "odd.pt")
+    _one_line_error(*cli("export", tmp_path / "odd.pt", "--target", "onnx", "--out", tmp_path / "art")[::2],
+                    "unknown model 'ultraseg-108q'", "ultraseg-108k")
+    assert not (tmp_path / "art").exists()
+
+
+def test_out_not_writable_or_not_an_artefact_folder(cli, authors_ckpt, tmp_path):
+    (tmp_path / "file").write_text("x")
+    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "file" / "art")[::2],
+                    "cannot write the artefact folder", "file/art")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "mine")[::2],
+                    "exists and is not an edgeseg artefact folder")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_missing_runtime_names_the_install_line(cli, authors_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "art")[::2],
+                    "'onnxruntime'", "not installed: pip install edgeseg[onnx]")
+    assert not (tmp_path / "art").exists()
