@@ -168,6 +168,62 @@ def import_weights(
     typer.echo(import_released(model, weights, out))
 
 
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Checkpoint (.pt) or exported artefact folder.")],
+    source: Annotated[Path, typer.Argument(help="Image, folder of images, or video.")],
+    out: Annotated[Path, typer.Option(help="Output folder: masks, overlays (or videos), latency.csv.")] = Path("pred"),
+):
+    """Segment an image, a folder or a video with a checkpoint or an artefact."""
+    from edgeseg.predict import predict_path
+
+    logits_fn, contract = _load_for_inference(model)
+    summary = predict_path(logits_fn, contract, source, out)
+    typer.echo(f"{summary['frames']} frame(s), model p50 {summary['infer_ms_p50']:.2f} ms, end-to-end "
+               f"{summary['end_to_end_fps']:.1f} FPS -> {out}")
+
+
+@app.command()
+def profile(
+    artefact: Annotated[Path, typer.Argument(help="Exported artefact folder (needs only its runtime).")],
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the target's).")] = None,
+    pin_core: Annotated[Optional[int], typer.Option(help="Pin the process to this CPU core.")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs (default: the target's).")] = None,
+    runs: Annotated[Optional[int], typer.Option(help="Timed runs (default: the target's).")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Time for this many seconds instead of --runs.")] = None,
+    end_to_end: Annotated[Optional[Path], typer.Option(help="Also time decode..overlay on this video/folder.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Runtime device (default: the artefact's).")] = None,
+):
+    """Latency of an artefact on this machine: a table, then one JSON object as the last stdout line."""
+    from edgeseg.profiling import profile_artefact
+
+    r = profile_artefact(artefact, threads, pin_core, warmup, runs, duration, end_to_end, device)
+    rows = [("model only", r["model_only"])] + ([("end to end", r["end_to_end"])] if "end_to_end" in r else [])
+    for label, s in rows:
+        typer.echo(f"{label:11} p50 {s['p50_ms']:.3f} ms  p90 {s['p90_ms']:.3f}  p99 {s['p99_ms']:.3f}  max "
+                   f"{s['max_ms']:.3f}  mean {s['mean_ms']:.3f} +/- {s['std_ms']:.3f}  {s['fps']:.1f} FPS  n={s['n']}",
+                   err=True)
+    typer.echo(f"load+compile {r['load_compile_ms']:.1f} ms, first inference {r['first_inference_ms']:.2f} ms, "
+               f"peak RSS {r['peak_rss_mb']:.0f} MB, throttled {r['throttled']}", err=True)
+    typer.echo(json.dumps(r, default=str))
+
+
+def _load_for_inference(path: Path):
+    """(numpy logits function, input contract) of a checkpoint (torch) or an artefact (its own runtime)."""
+    from edgeseg.contract import InputContract
+
+    folder = path if path.is_dir() else path.parent
+    if (folder / "config.json").is_file():
+        from edgeseg.export import load_runner, read_config
+
+        return load_runner(folder), InputContract.from_dict(read_config(folder)["input_contract"])
+    from edgeseg.checkpoint import load_model
+    from edgeseg.evaluate import torch_logits_fn
+
+    model, contract, _ = load_model(path)
+    return torch_logits_fn(model), contract
+
+
 def _check_model_name(name: str) -> None:
     from edgeseg.models import list_models
     from edgeseg.models._registry import create_model

@@ -93,13 +93,18 @@ def _missing(pkg: str) -> bool:
         return True
 
 
-def load_runner(path: str | os.PathLike, device: str | None = None):
-    """The runner of an artefact folder (or its model file), through the backend recorded in config.json."""
+def load_runner(path: str | os.PathLike, device: str | None = None, threads: int | None = None):
+    """The runner of an artefact folder (or its model file), through the backend recorded in config.json.
+    ``threads`` overrides the target's profile default."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     config = read_config(folder)
     target = get_target(config["target"])
-    return backend_module(target).load_runner(folder / config["artefact"], target, device=device)
+    try:
+        return backend_module(target).load_runner(folder / config["artefact"], target, device=device, threads=threads)
+    except ModuleNotFoundError as e:  # a device with only some runtimes installed
+        raise EdgesegError(f"{folder} is a {target.id} artefact, whose runtime needs the Python package "
+                           f"{e.name!r}: pip install edgeseg[runtime-{target.backend}]") from None
 
 
 def read_config(folder: Path) -> dict:

@@ -49,14 +49,14 @@ def export(source, request, out_dir: Path) -> tuple[Path, dict]:
     return dst, {"opset": OPSET, "simplifier": "onnxslim"}
 
 
-def load_runner(path: Path, target, device: str | None = None):
+def load_runner(path: Path, target, device: str | None = None, threads: int | None = None):
     """A numpy logits function on ONNX Runtime's CPU provider: sequential, the target's thread count."""
     import onnxruntime as ort
 
     if device not in (None, "CPU"):
         raise EdgesegError(f"the onnx runner runs on the CPU, not {device}")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = target.profile.threads
+    opts.intra_op_num_threads = threads or target.profile.threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

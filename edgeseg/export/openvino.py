@@ -130,7 +130,7 @@ def quantized_ops(model) -> set[str]:
     return names
 
 
-def load_runner(path: Path, target, device: str | None = None):
+def load_runner(path: Path, target, device: str | None = None, threads: int | None = None):
     """A numpy logits function on OpenVINO with the compile properties recorded for ``device``
     (default: the target's deployment device)."""
     import openvino as ov
@@ -143,6 +143,8 @@ def load_runner(path: Path, target, device: str | None = None):
         raise EdgesegError(f"{path.parent} has no compile properties for device {device}; "
                            f"recorded: {', '.join(backend['compile'])}")
     props = dict(backend["compile"][device])
+    if threads and "INFERENCE_NUM_THREADS" in props:
+        props["INFERENCE_NUM_THREADS"] = threads
     if "CACHE_DIR" in props:
         props["CACHE_DIR"] = str(path.parent / props["CACHE_DIR"])
     core = ov.Core()

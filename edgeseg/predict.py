@@ -1,0 +1,199 @@
+"""Prediction on an image, a folder of images or a video, with a per-frame latency log.
+
+    edgeseg predict CKPT_OR_ARTEFACT frames/ --out pred/      # masks/, overlays/, latency.csv
+    edgeseg predict CKPT_OR_ARTEFACT clip.mp4 --out pred/     # clip_overlay.mp4, clip_mask.mp4, latency.csv
+
+Each frame goes decode -> preprocess (the artefact's input contract) -> infer -> threshold/overlay, and each
+stage is timed separately. Every output file is written to a temp name and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from edgeseg.contract import InputContract
+from edgeseg.data.io import read_rgb
+from edgeseg.errors import EdgesegError
+from edgeseg.evaluate import overlay
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v"}
+LATENCY_FIELDS = ["frame", "name", "decode_ms", "preprocess_ms", "infer_ms", "post_ms", "total_ms"]
+
+
+@dataclass
+class FramePrediction:
+    name: str
+    rgb: np.ndarray  # the decoded frame (H, W, 3)
+    mask: np.ndarray  # bool (H, W) at the frame's resolution
+    overlay: np.ndarray  # the frame with the mask contour drawn
+    timings: dict[str, float]  # ms per stage
+
+
+def predict_frames(logits_fn: Callable[[np.ndarray], np.ndarray], contract: InputContract,
+                   frames: Iterator[tuple[str, Callable[[], np.ndarray]]]) -> Iterator[FramePrediction]:
+    """Run ``logits_fn`` on frames given as (name, decode function; None ends the stream); time every stage."""
+    for name, decode in frames:
+        t0 = time.perf_counter()
+        rgb = decode()
+        if rgb is None:  # end of a video
+            return
+        t1 = time.perf_counter()
+        x = contract.preprocess(rgb)
+        t2 = time.perf_counter()
+        logits = logits_fn(x)[0, 0]
+        t3 = time.perf_counter()
+        z = cv2.resize(logits, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+        mask = z > 0  # sigmoid(z) > 0.5
+        vis = overlay(rgb, mask)
+        t4 = time.perf_counter()
+        ms = [1000 * (b - a) for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4))]
+        yield FramePrediction(name, rgb, mask, vis, dict(zip(LATENCY_FIELDS[2:], ms)))
+
+
+def _image_frames(paths: list[Path]):
+    for p in paths:
+        yield p.stem, (lambda p=p: read_rgb(p))
+
+
+def _video_frames(cap: cv2.VideoCapture):
+    """Endless (name, decode) pairs; decode returns None after the last frame (decoding stays timed)."""
+    index = 0
+    while True:
+        def decode():
+            ok, bgr = cap.read()
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if ok else None
+
+        yield f"frame{index:06d}", decode
+        index += 1
+
+
+def _tmp_for(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_image(path: Path, rgb_or_grey: np.ndarray) -> None:
+    tmp = _tmp_for(path)
+    img = cv2.cvtColor(rgb_or_grey, cv2.COLOR_RGB2BGR) if rgb_or_grey.ndim == 3 else rgb_or_grey
+    if not cv2.imwrite(str(tmp), img):
+        tmp.unlink(missing_ok=True)
+        raise EdgesegError(f"cannot write {path}; check that the folder is writable")
+    os.replace(tmp, path)
+
+
+def _write_latency(out: Path, rows: list[dict]) -> None:
+    tmp = _tmp_for(out / "latency.csv")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LATENCY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / "latency.csv")
+
+
+def _row(i: int, p: FramePrediction) -> dict:
+    return {"frame": i, "name": p.name, **{k: f"{v:.3f}" for k, v in p.timings.items()}}
+
+
+def is_video(source: Path) -> bool:
+    return source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES
+
+
+def open_video(source: Path) -> cv2.VideoCapture:
+    cap = cv2.VideoCapture(str(source))
+    if not cap.isOpened():
+        raise EdgesegError(f"cannot open video {source} (unknown codec or not a video); convert it to mp4/avi")
+    return cap
+
+
+def image_paths(source: Path) -> list[Path]:
+    """The image, or the images of a folder (sorted by name)."""
+    if not source.exists():
+        raise EdgesegError(f"input {source} does not exist")
+    if source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise EdgesegError(f"folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return paths
+    if source.suffix.lower() in IMAGE_SUFFIXES:
+        return [source]
+    raise EdgesegError(f"{source} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}), a video "
+                       f"({', '.join(sorted(VIDEO_SUFFIXES))}) nor a folder")
+
+
+def frames_of(source: Path):
+    """(name, decode) pairs of a video or of images, and a function that releases the source."""
+    if is_video(source):
+        cap = open_video(source)
+        return _video_frames(cap), cap.release
+    return _image_frames(image_paths(source)), lambda: None
+
+
+def predict_path(logits_fn, contract: InputContract, source: Path, out: Path) -> dict:
+    """Predict an image, a folder of images or a video into ``out``. Returns a summary dict."""
+    source = Path(source)
+    if not source.exists():
+        raise EdgesegError(f"input {source} does not exist")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgesegError(f"cannot create output folder {out}: {e.strerror}") from None
+    if is_video(source):
+        return _predict_video(logits_fn, contract, source, out)
+    paths = image_paths(source)
+    (out / "masks").mkdir(exist_ok=True)
+    (out / "overlays").mkdir(exist_ok=True)
+    rows = []
+    for i, p in enumerate(predict_frames(logits_fn, contract, _image_frames(paths))):
+        _write_image(out / "masks" / f"{p.name}.png", p.mask.astype(np.uint8) * 255)
+        _write_image(out / "overlays" / f"{p.name}.png", p.overlay)
+        rows.append(_row(i, p))
+    _write_latency(out, rows)
+    return _summary(rows, kind="images")
+
+
+def _predict_video(logits_fn, contract: InputContract, source: Path, out: Path) -> dict:
+    cap = open_video(source)
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    targets = {"overlay": out / f"{source.stem}_overlay.mp4", "mask": out / f"{source.stem}_mask.mp4"}
+    tmps = {k: _tmp_for(v) for k, v in targets.items()}
+    writers: dict[str, cv2.VideoWriter] = {}
+    rows = []
+    try:
+        for i, p in enumerate(predict_frames(logits_fn, contract, _video_frames(cap))):
+            if not writers:
+                size = (p.rgb.shape[1], p.rgb.shape[0])
+                writers = {k: cv2.VideoWriter(str(t), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+                           for k, t in tmps.items()}
+            writers["overlay"].write(cv2.cvtColor(p.overlay, cv2.COLOR_RGB2BGR))
+            writers["mask"].write(cv2.cvtColor(p.mask.astype(np.uint8) * 255, cv2.COLOR_GRAY2BGR))
+            rows.append(_row(i, p))
+    finally:
+        cap.release()
+        for w in writers.values():
+            w.release()
+    if not rows:
+        for t in tmps.values():
+            t.unlink(missing_ok=True)
+        raise EdgesegError(f"video {source} has no readable frames")
+    for k, t in tmps.items():
+        os.replace(t, targets[k])
+    _write_latency(out, rows)
+    return _summary(rows, kind="video", fps_in=fps)
+
+
+def _summary(rows: list[dict], **extra) -> dict:
+    total = np.array([float(r["total_ms"]) for r in rows])
+    infer = np.array([float(r["infer_ms"]) for r in rows])
+    return {"frames": len(rows), "total_ms_p50": float(np.median(total)), "infer_ms_p50": float(np.median(infer)),
+            "end_to_end_fps": float(1000.0 / total.mean()), **extra}

@@ -1,0 +1,75 @@
+"""Prediction on real frames: an image folder and a video built at run time from consecutive CVC-ClinicDB
+frames (a real colonoscopy sequence)."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeseg.checkpoint import load_model
+from edgeseg.errors import EdgesegError
+from edgeseg.evaluate import torch_logits_fn
+from edgeseg.models.authors import import_released
+from edgeseg.predict import predict_path
+
+
+@pytest.fixture(scope="module")
+def authors(tmp_path_factory, authors_weights):
+    model, contract, _ = load_model(import_released("ultraseg-130k", authors_weights,
+                                                    tmp_path_factory.mktemp("w") / "a.pt"))
+    return torch_logits_fn(model), contract
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, data_root):
+    """CVC-ClinicDB frames 1..12 (one sequence) as an mp4."""
+    path = tmp_path_factory.mktemp("video") / "cvc.mp4"
+    frames = [cv2.imread(str(data_root / "cvc-clinicdb" / "images" / f"{i}.jpg")) for i in range(1, 13)]
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (w, h))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    return path
+
+
+def test_video_in_video_out(authors, clip, tmp_path):
+    summary = predict_path(*authors, clip, tmp_path / "pred")
+    assert summary["frames"] == 12 and summary["kind"] == "video"
+    for name in ("cvc_overlay.mp4", "cvc_mask.mp4"):
+        cap = cv2.VideoCapture(str(tmp_path / "pred" / name))
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+        ok, frame = cap.read()
+        assert ok and frame.shape == (288, 384, 3)
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "latency.csv")))
+    assert len(rows) == 12 and all(float(r["infer_ms"]) > 0 for r in rows)
+    assert all(abs(sum(float(r[k]) for k in ("decode_ms", "preprocess_ms", "infer_ms", "post_ms"))
+                   - float(r["total_ms"])) < 0.05 for r in rows)
+    assert not list((tmp_path / "pred").glob(".*"))  # no temp files left behind
+
+
+def test_image_folder_masks_match_the_model(authors, data_root, tmp_path):
+    src = data_root / "kvasir-seg" / "images"
+    one = sorted(src.iterdir())[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / one.name).write_bytes(one.read_bytes())
+    predict_path(*authors, folder, tmp_path / "pred")
+    mask = cv2.imread(str(tmp_path / "pred" / "masks" / f"{one.stem}.png"), cv2.IMREAD_GRAYSCALE)
+    gt = cv2.imread(str(data_root / "kvasir-seg" / "masks" / f"{one.stem}.png"), cv2.IMREAD_GRAYSCALE)
+    assert mask.shape == gt.shape and set(np.unique(mask)) <= {0, 255}
+    inter = np.logical_and(mask > 0, gt > 0).sum()
+    assert 2 * inter / ((mask > 0).sum() + (gt > 0).sum()) > 0.5  # a trained model finds this polyp
+    assert (tmp_path / "pred" / "overlays" / f"{one.stem}.png").is_file()
+
+
+def test_unreadable_video_and_missing_input(authors, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(EdgesegError, match="broken.mp4"):
+        predict_path(*authors, bad, tmp_path / "out")
+    with pytest.raises(EdgesegError, match="does not exist"):
+        predict_path(*authors, tmp_path / "nope.jpg", tmp_path / "out")
