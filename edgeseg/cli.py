@@ -208,6 +208,59 @@ def profile(
     typer.echo(json.dumps(r, default=str))
 
 
+@app.command()
+def bundle(
+    artefact: Annotated[Path, typer.Argument(help="Exported artefact folder (with parity.json).")],
+    out: Annotated[Path, typer.Option(help="Bundle to write (.tar.gz).")],
+    golden: Annotated[Optional[Path], typer.Option(help="Golden frame (default: the first parity frame).")] = None,
+    data_root: DataRootOpt = None,
+):
+    """Pack an artefact, its contract, parity record, a golden input/output and a sha256 manifest."""
+    from edgeseg.bundle import make_bundle, manifest_sha256
+    from edgeseg.data.io import read_rgb
+
+    if golden is None:
+        from edgeseg.data.splits import image_path, resolve_data_root
+
+        parity = json.loads((artefact / "parity.json").read_text()) if (artefact / "parity.json").is_file() else {}
+        if not parity.get("ids"):
+            raise EdgesegError(f"{artefact} has no parity frames recorded; pass --golden IMAGE")
+        golden = image_path(resolve_data_root(data_root), parity["ids"][0])
+    path = make_bundle(artefact, out, read_rgb(golden))
+    typer.echo(f"{path} (manifest sha256 {manifest_sha256(path)})")
+
+
+@app.command()
+def verify(
+    bundle_file: Annotated[Path, typer.Argument(help="Bundle (.tar.gz).")],
+    manifest_sha256: Annotated[Optional[str], typer.Option(help="Also require this manifest sha256.")] = None,
+):
+    """Check every file's sha256 against the manifest, offline; any change exits 2."""
+    from edgeseg.bundle import manifest_sha256 as digest
+    from edgeseg.bundle import read_bundle
+
+    manifest, files = read_bundle(bundle_file)
+    if manifest_sha256 is not None and digest(bundle_file) != manifest_sha256.lower():
+        raise EdgesegError(f"{bundle_file}: manifest sha256 {digest(bundle_file)} is not the expected {manifest_sha256}")
+    typer.echo(f"verified {len(files)} files: {manifest['target']} {manifest['precision']} {manifest['model']}, "
+               f"edgeseg {manifest['edgeseg_version']}")
+
+
+@app.command()
+def selftest(
+    bundle_file: Annotated[Path, typer.Argument(help="Bundle (.tar.gz).")],
+    target: Annotated[Optional[str], typer.Option(help="The target this device runs; other bundles are refused.")] = None,
+):
+    """On the device: verify, load with the runtime, run the golden input, print PASS or FAIL (exit 1)."""
+    from edgeseg.bundle import selftest as run_selftest
+
+    r = run_selftest(bundle_file, target)
+    typer.echo(f"{'PASS' if r['passed'] else 'FAIL'} {r['target']} {r['precision']}: mask agreement "
+               f"{r['mask_agreement']:.5f}, max |logit diff| {r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance']})")
+    if not r["passed"]:
+        raise typer.Exit(1)
+
+
 def _load_for_inference(path: Path):
     """(numpy logits function, input contract) of a checkpoint (torch) or an artefact (its own runtime)."""
     from edgeseg.contract import InputContract
