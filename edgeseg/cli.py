@@ -205,7 +205,7 @@ def profile(
                    err=True)
     typer.echo(f"load+compile {r['load_compile_ms']:.1f} ms, first inference {r['first_inference_ms']:.2f} ms, "
                f"peak RSS {r['peak_rss_mb']:.0f} MB, throttled {r['throttled']}", err=True)
-    typer.echo(json.dumps(r, default=str))
+    typer.echo(json.dumps({k: v for k, v in r.items() if k != "samples_ms"}, default=str))
 
 
 @app.command()
@@ -259,6 +259,24 @@ def selftest(
                f"{r['mask_agreement']:.5f}, max |logit diff| {r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance']})")
     if not r["passed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def benchmark(
+    checkpoint: CkptArg = None,
+    targets: Annotated[str, typer.Option(help="Comma-separated target ids, or all.")] = "all",
+    out: Annotated[Path, typer.Option(help="Folder for artefacts, benchmark.md/csv/json and plots.")] = Path("benchmark"),
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration manifest for int8 (default: the shipped one).")] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per artefact.")] = 200,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs per artefact.")] = 20,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: each target's).")] = None,
+    data_root: DataRootOpt = None,
+):
+    """Export, parity-check and profile every target this host can run; table + Pareto plot."""
+    from edgeseg.benchmark import markdown, run_benchmark
+
+    rows = run_benchmark(checkpoint, targets.split(","), out, data_root, calib, runs, warmup, threads)
+    typer.echo(markdown(rows))
 
 
 def _load_for_inference(path: Path):

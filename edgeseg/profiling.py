@@ -50,7 +50,7 @@ class Timing:
     stats: LatencyStats
     peak_rss_mb: float
     throttled: bool | None  # None: the platform does not tell
-    extra: dict = field(default_factory=dict)
+    samples_ms: list[float] = field(default_factory=list)
 
 
 def pin_to_core(core: int | None) -> None:
@@ -83,7 +83,7 @@ def time_runner(run: Callable[[], object], warmup: int, runs: int, duration_s: f
         samples.append(time.perf_counter_ns() - t)
     after = throttle_flags()
     throttled = None if after is None else bool(after) or (before is not None and bool(before))
-    return Timing(first_ms, LatencyStats.from_ns(samples), peak_rss_mb(), throttled)
+    return Timing(first_ms, LatencyStats.from_ns(samples), peak_rss_mb(), throttled, [s / 1e6 for s in samples])
 
 
 def peak_rss_mb() -> float:
@@ -133,10 +133,6 @@ def system_info(core: int | None = None) -> dict:
     return info
 
 
-def as_dict(t: Timing) -> dict:
-    return asdict(t)
-
-
 def profile_artefact(path: str | os.PathLike, threads: int | None = None, pin_core: int | None = None,
                      warmup: int | None = None, runs: int | None = None, duration_s: float | None = None,
                      end_to_end: str | os.PathLike | None = None, device: str | None = None) -> dict:
@@ -171,6 +167,7 @@ def profile_artefact(path: str | os.PathLike, threads: int | None = None, pin_co
         "model_only": asdict(timing.stats), "first_inference_ms": timing.first_ms, "load_compile_ms": load_ms,
         "peak_rss_mb": timing.peak_rss_mb, "throttled": timing.throttled, "pinned_core": pin_core,
         "model": config["model"], "runtime": effective, "system": system_info(pin_core),
+        "samples_ms": timing.samples_ms,
     }
     if end_to_end is not None:
         result["end_to_end"] = _end_to_end(runner, contract, Path(end_to_end))

@@ -1,0 +1,145 @@
+"""Cross-target benchmark: export (or reuse), parity-check and profile every target x precision this host
+can run, then write a table (Markdown, CSV, JSON) and plots (Dice vs p50 latency, latency histograms).
+
+    edgeseg benchmark [CKPT] --targets all --out bench-out/
+
+A target whose runtime is not installed, or whose device is absent (an Intel iGPU, a Jetson), is listed with
+its status instead of a number: nothing in the table is estimated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from edgeseg.errors import EdgesegError
+
+COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps", "threads",
+           "runtime"]
+DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "calibration" / "pranet-train-300.json"
+
+
+def _artefact_size_kb(folder: Path) -> float:
+    config = json.loads((folder / "config.json").read_text())
+    return sum((folder / f).stat().st_size for f in config["model_files"]) / 1024
+
+
+def _reusable(folder: Path, checkpoint_sha: str) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return config["checkpoint"]["sha256"] == checkpoint_sha and (folder / "parity.json").is_file()
+
+
+def _one(checkpoint, ckpt_sha, target, precision, out: Path, calib, data_root, runs, warmup, threads) -> dict:
+    from edgeseg.export import ParityFailure, export, require_runtime
+    from edgeseg.profiling import profile_artefact
+
+    row = {"target": target.id, "precision": precision}
+    try:
+        require_runtime(target)
+    except EdgesegError as e:
+        return {**row, "status": f"skipped: {e}"}
+    folder = out / f"{target.id}-{precision}"
+    try:
+        if not _reusable(folder, ckpt_sha):
+            export(checkpoint, target.id, folder, precision=precision, data_root=data_root,
+                   calib=calib if target.needs_calibration(precision) else None)
+    except ParityFailure as e:
+        return {**row, "status": f"rejected by parity gate: {e}"}
+    parity = json.loads((folder / "parity.json").read_text())
+    row.update(size_kb=_artefact_size_kb(folder), mdice=parity["mdice"], delta=parity["delta"])
+    try:
+        prof = profile_artefact(folder, threads=threads, warmup=warmup, runs=runs)
+    except EdgesegError as e:  # exported and parity-checked, but this host lacks the device to time it
+        return {**row, "status": f"exported; not profiled: {e}"}
+    runtime = ", ".join(f"{k} {v}" for k, v in prof["runtime"].items() if k in ("openvino", "onnxruntime", "litert"))
+    return {**row, "status": "ok", "p50_ms": prof["p50_ms"], "p99_ms": prof["p99_ms"], "fps": prof["fps"],
+            "threads": prof["threads"], "runtime": runtime, "samples_ms": prof["samples_ms"]}
+
+
+def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
+                  runs: int = 200, warmup: int = 20, threads: int | None = None) -> list[dict]:
+    """Benchmark ``checkpoint`` on ``targets`` (None: all). Returns the rows; writes the table and plots."""
+    from edgeseg.checkpoint import DEFAULT_MODEL, file_sha256
+    from edgeseg.targets import get_target, list_targets
+
+    chosen = list_targets() if not targets or targets == ["all"] else [get_target(t) for t in targets]
+    ckpt_sha = file_sha256(checkpoint if checkpoint is not None else DEFAULT_MODEL)
+    calib = calib or DEFAULT_CALIB
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [_one(checkpoint, ckpt_sha, t, p, out, calib, data_root, runs, warmup, threads)
+            for t in chosen for p in t.precisions]
+    write_table(rows, out)
+    plot(rows, out)
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return "" if v is None else str(v)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    _atomic_text(out / "benchmark.md", markdown(rows))
+    _atomic_text(out / "benchmark.json", json.dumps(rows, indent=2, default=str))
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".benchmark.csv.")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({c: _fmt(r.get(c)) for c in COLUMNS} for r in rows)
+    os.replace(tmp, out / "benchmark.csv")
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("status") == "ok"]
+    if not timed:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in timed:
+        ax.scatter(r["p50_ms"], r["mdice"], s=40)
+        ax.annotate(f"{r['target']} {r['precision']}", (r["p50_ms"], r["mdice"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    pts = sorted((r["p50_ms"], r["mdice"]) for r in timed)
+    front, best = [], -1.0
+    for p50, d in pts:  # Pareto front: no other point is both faster and more accurate
+        if d > best:
+            front.append((p50, d))
+            best = d
+    ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
+    ax.set(xlabel="p50 latency (ms)", ylabel="mDice (parity frames)", title="Dice vs latency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(len(timed), 1, figsize=(7, 1.8 * len(timed)), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], timed):
+        ax.hist(r["samples_ms"], bins=40)
+        ax.set_ylabel(f"{r['target']}\n{r['precision']}", fontsize=8)
+    axes[-1, 0].set_xlabel("latency (ms)")
+    fig.tight_layout()
+    fig.savefig(out / "latency_hist.png", dpi=110)
+    plt.close(fig)
