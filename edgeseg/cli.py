@@ -279,6 +279,24 @@ def benchmark(
     typer.echo(markdown(rows))
 
 
+@app.command()
+def setup(
+    what: Annotated[str, typer.Argument(help="tflite (the isolated litert-torch converter env) | aarch64 "
+                                             "(the emulated Raspberry Pi sysroot for parity checks)")],
+):
+    """One-time installs that do not belong in the main environment (explicit, never at export time)."""
+    if what == "tflite":
+        from edgeseg.export.tflite import setup_litert_env
+
+        typer.echo(setup_litert_env(quiet=False))
+    elif what == "aarch64":
+        from edgeseg.export.aarch64 import ensure_sysroot
+
+        typer.echo(ensure_sysroot())
+    else:
+        raise EdgesegError(f"unknown setup {what!r}; use tflite or aarch64")
+
+
 def _load_for_inference(path: Path):
     """(numpy logits function, input contract) of a checkpoint (torch) or an artefact (its own runtime)."""
     from edgeseg.contract import InputContract

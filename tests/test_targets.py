@@ -17,7 +17,7 @@ from edgeseg.targets import PRECISIONS, get_target, list_targets, targets_dir
 REPO = Path(__file__).resolve().parents[1]
 ISSUE_TARGETS = {"onnx", "openvino-cpu", "openvino-igpu", "tflite-rpi", "tensorrt-jetson"}
 # Backends whose module may still be missing (the registry already lists their targets).
-PLANNED_BACKENDS = {"tflite", "tensorrt"}
+PLANNED_BACKENDS = {"tensorrt"}
 
 
 def test_every_toml_parses_and_the_files_are_the_registry():
