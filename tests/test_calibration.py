@@ -15,17 +15,12 @@ from edgeseg.contract import InputContract
 from edgeseg.data.splits import carve_validation, image_path, read_split
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import resolve_parity_ids
+from _helpers import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MANIFEST = REPO / "calibration" / "pranet-train-300.json"
 
 
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_calib_make_draws_from_the_training_part(cli, data_root, tmp_path):
@@ -56,11 +51,11 @@ def test_calib_make_exclude_split(data_root, tmp_path):
 
 
 def test_calib_make_bad_input(cli, data_root, tmp_path):
-    _one_line_error(*cli("calib", "make", "--n", "4", "--out", tmp_path / "m.json", "--data-root", data_root)[::2],
+    one_line_error(*cli("calib", "make", "--n", "4", "--out", tmp_path / "m.json", "--data-root", data_root)[::2],
                     "fewer than one calibration batch", str(BATCH_SIZE))
-    _one_line_error(*cli("calib", "make", "--n", "5000", "--out", tmp_path / "m.json", "--data-root",
+    one_line_error(*cli("calib", "make", "--n", "5000", "--out", tmp_path / "m.json", "--data-root",
                          data_root)[::2], "only 1305 images", "lower --n")
-    _one_line_error(*cli("calib", "make", "--split", "pranet-trian", "--out", tmp_path / "m.json", "--data-root",
+    one_line_error(*cli("calib", "make", "--split", "pranet-trian", "--out", tmp_path / "m.json", "--data-root",
                          data_root)[::2], "pranet-trian")
     assert not (tmp_path / "m.json").exists()
 

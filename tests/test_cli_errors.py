@@ -13,6 +13,7 @@ import torch
 from edgeseg.checkpoint import make_checkpoint, save_atomic
 from edgeseg.contract import InputContract
 from edgeseg.models import create_model
+from _helpers import one_line_error
 
 IDS = ["cvc-clinicdb/1", "cvc-clinicdb/2", "cvc-clinicdb/3", "cvc-clinicdb/4"]
 
@@ -37,53 +38,46 @@ def _train(cli, root, out, *extra):
                "--size", "64", "--batch-size", "2", "--out", out, *extra)
 
 
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_missing_data_root(cli, tmp_path):
     code, _, err = _train(cli, tmp_path / "nope", tmp_path / "out")
-    _one_line_error(code, err, "nope", "--data-root")
+    one_line_error(code, err, "nope", "--data-root")
     assert not (tmp_path / "out").exists()
 
 
 def test_empty_split_file(cli, root, tmp_path):
     (root / "splits" / "four.txt").write_text("\n")
-    _one_line_error(*_train(cli, root, tmp_path / "out")[::2], "four.txt", "empty")
+    one_line_error(*_train(cli, root, tmp_path / "out")[::2], "four.txt", "empty")
 
 
 def test_unknown_split_entry(cli, root, tmp_path):
     (root / "splits" / "four.txt").write_text("cvc-clinicdb/1\ncvc-clinicdb/9999\n")
-    _one_line_error(*_train(cli, root, tmp_path / "out")[::2], "four.txt:2", "cvc-clinicdb/9999")
+    one_line_error(*_train(cli, root, tmp_path / "out")[::2], "four.txt:2", "cvc-clinicdb/9999")
 
 
 def test_image_without_mask_and_mask_without_image(cli, root, tmp_path):
     (root / "cvc-clinicdb" / "masks" / "2.png").unlink()
-    _one_line_error(*_train(cli, root, tmp_path / "out")[::2], "2.jpg", "has no mask", "2.png")
+    one_line_error(*_train(cli, root, tmp_path / "out")[::2], "2.jpg", "has no mask", "2.png")
     shutil.move(root / "cvc-clinicdb" / "images" / "3.jpg", tmp_path / "3.jpg")
     (root / "splits" / "four.txt").write_text("cvc-clinicdb/3\ncvc-clinicdb/4\n")
-    _one_line_error(*_train(cli, root, tmp_path / "out")[::2], "3.png", "has no image")
+    one_line_error(*_train(cli, root, tmp_path / "out")[::2], "3.png", "has no image")
 
 
 def test_truncated_jpeg_and_unreadable_png(cli, root, tmp_path, data_root):
     jpg = root / "cvc-clinicdb" / "images" / "2.jpg"
     jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
-    _one_line_error(*_train(cli, root, tmp_path / "out")[::2], "2.jpg", "truncated")
+    one_line_error(*_train(cli, root, tmp_path / "out")[::2], "2.jpg", "truncated")
     shutil.copy(data_root / "cvc-clinicdb" / "images" / "2.jpg", jpg)  # repair it
     (root / "cvc-clinicdb" / "masks" / "3.png").write_bytes(b"not a png at all")
-    _one_line_error(*_train(cli, root, tmp_path / "out")[::2], "3.png")
+    one_line_error(*_train(cli, root, tmp_path / "out")[::2], "3.png")
     assert not (tmp_path / "out").exists()
 
 
 def test_mask_size_differs_from_image(cli, root, tmp_path):
     m = root / "cvc-clinicdb" / "masks" / "4.png"
     cv2.imwrite(str(m), cv2.resize(cv2.imread(str(m), 0), (100, 100), interpolation=cv2.INTER_NEAREST))
-    _one_line_error(*_train(cli, root, tmp_path / "out")[::2], "4.png", "4.jpg", "same size")
+    one_line_error(*_train(cli, root, tmp_path / "out")[::2], "4.png", "4.jpg", "same size")
 
 
 def test_non_binary_mask_warns_or_refuses_with_strict(cli, root, tmp_path, caplog):
@@ -91,7 +85,7 @@ def test_non_binary_mask_warns_or_refuses_with_strict(cli, root, tmp_path, caplo
     grey = cv2.imread(str(m), 0)
     grey[grey == 255] = 200
     cv2.imwrite(str(m), grey)
-    _one_line_error(*_train(cli, root, tmp_path / "strict", "--strict")[::2], "1.png", "not binary", "--strict")
+    one_line_error(*_train(cli, root, tmp_path / "strict", "--strict")[::2], "1.png", "not binary", "--strict")
     code, _, err = _train(cli, root, tmp_path / "out")
     assert code == 0, err
     assert "1.png: mask is not binary" in caplog.text and "thresholding at 127" in caplog.text
@@ -99,7 +93,7 @@ def test_non_binary_mask_warns_or_refuses_with_strict(cli, root, tmp_path, caplo
 
 def test_unknown_model_suggests_nearest(cli, root, tmp_path):
     code, _, err = _train(cli, root, tmp_path / "out", "--model", "ultraseg108k")
-    _one_line_error(code, err, "ultraseg108k", "Did you mean 'ultraseg-108k'")
+    one_line_error(code, err, "ultraseg108k", "Did you mean 'ultraseg-108k'")
 
 
 def test_checkpoint_of_another_architecture(cli, root, tmp_path):
@@ -109,10 +103,10 @@ def test_checkpoint_of_another_architecture(cli, root, tmp_path):
     save_atomic(ckpt, tmp_path / "wrong.pt")
     code, _, err = cli("evaluate", tmp_path / "wrong.pt", "--data-root", root, "--split", "four",
                        "--json", tmp_path / "m.json")
-    _one_line_error(code, err, "wrong.pt", "do not fit architecture 'microaunet'")
+    one_line_error(code, err, "wrong.pt", "do not fit architecture 'microaunet'")
     assert not (tmp_path / "m.json").exists()
     torch.save(create_model("microaunet").state_dict(), tmp_path / "bare.pt")
-    _one_line_error(*cli("evaluate", tmp_path / "bare.pt", "--data-root", root, "--split", "four")[::2],
+    one_line_error(*cli("evaluate", tmp_path / "bare.pt", "--data-root", root, "--split", "four")[::2],
                     "bare.pt", "import-weights")
 
 
@@ -120,7 +114,7 @@ def test_truncated_checkpoint(cli, root, tmp_path):
     save_atomic(make_checkpoint(create_model("microaunet"), InputContract()), tmp_path / "ok.pt")
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    _one_line_error(*cli("evaluate", tmp_path / "cut.pt", "--data-root", root, "--split", "four")[::2],
+    one_line_error(*cli("evaluate", tmp_path / "cut.pt", "--data-root", root, "--split", "four")[::2],
                     "cut.pt", "truncated")
 
 
@@ -129,9 +123,9 @@ def test_resume_with_a_different_config(cli, root, tmp_path):
     assert _train(cli, root, out)[0] == 0
     before = (out / "last.pt").read_bytes()
     code, _, err = _train(cli, root, out, "--resume", "--lr", "0.1")
-    _one_line_error(code, err, "--resume", "lr: 0.001 -> 0.1")
+    one_line_error(code, err, "--resume", "lr: 0.001 -> 0.1")
     assert (out / "last.pt").read_bytes() == before  # the run folder is untouched
-    _one_line_error(*_train(cli, root, tmp_path / "fresh", "--resume")[::2], "last.pt", "--resume")
+    one_line_error(*_train(cli, root, tmp_path / "fresh", "--resume")[::2], "last.pt", "--resume")
 
 
 def test_evaluate_writes_json_and_overlays(cli, root, tmp_path):

@@ -18,6 +18,7 @@ from edgeseg.export._prepare import fold_bn_into_following_conv, prepare_for_inf
 from edgeseg.export.parity import MAX_DELTA, dice_per_image, load_frames
 from edgeseg.metrics import dice
 from edgeseg.models import create_model
+from _helpers import one_line_error
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxslim")
@@ -51,12 +52,6 @@ def parity16(data_root, tmp_path_factory):
     return path
 
 
-def _one_line_error(code, err, *needles, exit_code=2):
-    assert code == exit_code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # --- preparation -------------------------------------------------------------------------------------------
@@ -172,7 +167,7 @@ def test_over_budget_is_kept_as_rejected_with_exit_3(cli, authors_ckpt, data_roo
     out = tmp_path / "art"
     code, stdout, err = cli("export", authors_ckpt, "--target", "onnx", "--parity-split", parity16,
                             "--data-root", data_root, "--out", out)
-    _one_line_error(code, err, "parity failed", "delta", "budget -1.0", "mdice_ref", "pixel_agreement",
+    one_line_error(code, err, "parity failed", "delta", "budget -1.0", "mdice_ref", "pixel_agreement",
                     "max_abs_logit_diff", "art.rejected", exit_code=3)
     assert not out.exists()
     rejected = tmp_path / "art.rejected"
@@ -183,17 +178,17 @@ def test_over_budget_is_kept_as_rejected_with_exit_3(cli, authors_ckpt, data_roo
 
 def test_unknown_target_and_precision(cli, authors_ckpt, tmp_path):
     out = tmp_path / "art"
-    _one_line_error(*cli("export", authors_ckpt, "--target", "openvino", "--out", out)[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "openvino", "--out", out)[::2],
                     "unknown target 'openvino'", "Did you mean 'openvino-cpu'")
-    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--precision", "int4", "--out", out)[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--precision", "int4", "--out", out)[::2],
                     "unknown precision 'int4'", "int8")
-    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--precision", "fp16", "--out", out)[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--precision", "fp16", "--out", out)[::2],
                     "target 'onnx' supports fp32, not fp16", "openvino-cpu")
-    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--calib", "x.json", "--out", out)[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--calib", "x.json", "--out", out)[::2],
                     "--calib only applies to int8")
-    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--max-dice-drop", "0.01", "--out", out)[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--max-dice-drop", "0.01", "--out", out)[::2],
                     "--max-dice-drop", "OpenVINO int8")
-    _one_line_error(*cli("export", authors_ckpt, "--target", "tensorrt-jetson", "--out", out)[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "tensorrt-jetson", "--out", out)[::2],
                     "tensorrt-jetson")
     assert not out.exists()
 
@@ -202,24 +197,24 @@ def test_checkpoint_of_an_unknown_model(cli, tmp_path):
     ckpt = make_checkpoint(create_model("ultraseg-108k"), InputContract())
     ckpt["model"] = "ultraseg-108q"
     save_atomic(ckpt, tmp_path / "odd.pt")
-    _one_line_error(*cli("export", tmp_path / "odd.pt", "--target", "onnx", "--out", tmp_path / "art")[::2],
+    one_line_error(*cli("export", tmp_path / "odd.pt", "--target", "onnx", "--out", tmp_path / "art")[::2],
                     "unknown model 'ultraseg-108q'", "ultraseg-108k")
     assert not (tmp_path / "art").exists()
 
 
 def test_out_not_writable_or_not_an_artefact_folder(cli, authors_ckpt, tmp_path):
     (tmp_path / "file").write_text("x")
-    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "file" / "art")[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "file" / "art")[::2],
                     "cannot write the artefact folder", "file/art")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "mine")[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "mine")[::2],
                     "exists and is not an edgeseg artefact folder")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_missing_runtime_names_the_install_line(cli, authors_ckpt, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    _one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "art")[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--out", tmp_path / "art")[::2],
                     "'onnxruntime'", "not installed: pip install edgeseg[onnx]")
     assert not (tmp_path / "art").exists()

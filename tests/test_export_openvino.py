@@ -14,6 +14,7 @@ from edgeseg.calibration import make_manifest, read_manifest, write_manifest
 from edgeseg.data.splits import image_path, mask_path
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import MAX_DELTA, resolve_parity_ids
+from _helpers import one_line_error
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -50,12 +51,6 @@ def _export(cli, ckpt, out, data_root, parity16, *args):
     return stdout, json.loads((out / "config.json").read_text()), json.loads((out / "parity.json").read_text())
 
 
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _check_parity(parity, precision, min_agreement):
@@ -147,17 +142,17 @@ def test_int8_manifest_refusals(cli, authors_ckpt, data_root, parity16, calib32,
     out = tmp_path / "art"
     base = ["export", authors_ckpt, "--target", "openvino-cpu", "--precision", "int8", "--out", out,
             "--data-root", data_root, "--parity-split", parity16]
-    _one_line_error(*cli(*base)[::2], "needs a calibration manifest", "--calib")
+    one_line_error(*cli(*base)[::2], "needs a calibration manifest", "--calib")
 
     m = json.loads(calib32.read_text())
     leak_id = parity16.read_text().split()[5]
     leak = {"id": leak_id, "sha256": read_sha(data_root, leak_id)}
     overlap = write_manifest({**m, "images": m["images"] + [leak]}, tmp_path / "overlap.json")
-    _one_line_error(*cli(*base, "--calib", overlap)[::2], "overlaps the parity split", leak_id)
+    one_line_error(*cli(*base, "--calib", overlap)[::2], "overlaps the parity split", leak_id)
 
     few = write_manifest({**m, "images": m["images"][:3]}, tmp_path / "few.json")
-    _one_line_error(*cli(*base, "--calib", few)[::2], "lists 3 images, fewer than one batch")
-    _one_line_error(*cli(*base, "--calib", tmp_path / "nope.json")[::2], "nope.json does not exist")
+    one_line_error(*cli(*base, "--calib", few)[::2], "lists 3 images, fewer than one batch")
+    one_line_error(*cli(*base, "--calib", tmp_path / "nope.json")[::2], "nope.json does not exist")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]
 
 
@@ -184,12 +179,12 @@ def test_int8_stale_manifest_through_the_cli(cli, authors_ckpt, data_root, parit
     stale.write_bytes(stale.read_bytes()[:-100] + stale.read_bytes()[-100:][::-1])
     code, _, err = cli("export", authors_ckpt, "--target", "openvino-cpu", "--precision", "int8", "--calib",
                        calib32, "--out", tmp_path / "art", "--data-root", root, "--parity-split", parity16)
-    _one_line_error(code, err, f"calibration image {stale} changed since", "remake the manifest")
+    one_line_error(code, err, f"calibration image {stale} changed since", "remake the manifest")
     assert not (tmp_path / "art").exists()
 
 
 def test_missing_openvino_names_the_install_line(cli, authors_ckpt, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
-    _one_line_error(*cli("export", authors_ckpt, "--target", "openvino-igpu", "--out", tmp_path / "art")[::2],
+    one_line_error(*cli("export", authors_ckpt, "--target", "openvino-igpu", "--out", tmp_path / "art")[::2],
                     "'openvino'", "not installed: pip install edgeseg[openvino]")
     assert not (tmp_path / "art").exists()
