@@ -86,6 +86,8 @@ try:
     import torch.nn.functional as F
     from torch import nn
 
+    from edgeseg.export._prepare import fold_bn_into_following_conv, fold_bn_into_preceding_conv
+
     _Module = nn.Module
 except ModuleNotFoundError:  # a device: the runner needs numpy + ai-edge-litert (or tflite-runtime) only
     torch = F = nn = None
@@ -314,26 +316,18 @@ def _channel_max(t):
 
 
 def _fold_bn_after(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """conv -> bn as one conv (eval statistics)."""
-    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    """conv -> bn as one new conv (eval statistics); the originals are left untouched."""
     out = copy.deepcopy(conv)
-    out.weight = nn.Parameter(conv.weight.detach() * s[:, None, None, None])
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(s)
-    out.bias = nn.Parameter((b - bn.running_mean) * s + bn.bias.detach())
+    fold_bn_into_preceding_conv(out, bn)
     return out
 
 
 def _fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
-    """bn -> conv as one conv; exact only for an unpadded, ungrouped conv (checked)."""
+    """bn -> conv as one new conv; exact only for an unpadded, ungrouped conv (checked)."""
     if any(p != 0 for p in conv.padding) or conv.groups != 1:
         raise ValueError("BN before a padded or grouped conv cannot be folded exactly")
-    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    t = bn.bias.detach() - bn.running_mean * s
     out = copy.deepcopy(conv)
-    w = conv.weight.detach()
-    out.weight = nn.Parameter(w * s[None, :, None, None])
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
-    out.bias = nn.Parameter(b + (w * t[None, :, None, None]).sum((1, 2, 3)))
+    fold_bn_into_following_conv(bn, out)
     return out
 
 
