@@ -29,6 +29,25 @@ def authors_weights() -> Path:
 
 
 @pytest.fixture(scope="session")
+def authors_ckpt(authors_weights, tmp_path_factory) -> Path:
+    """The authors' released UltraSeg-130K weights imported as an edgeseg checkpoint."""
+    from edgeseg.models.authors import import_released
+
+    return import_released("ultraseg-130k", authors_weights, tmp_path_factory.mktemp("ckpt") / "authors.pt")
+
+
+@pytest.fixture(scope="session")
+def parity16(data_root, tmp_path_factory) -> Path:
+    """16 frames of the default parity split (validation carved from pranet-train, seed 42)."""
+    from edgeseg.export.parity import resolve_parity_ids
+
+    ids, _ = resolve_parity_ids(None, data_root)
+    path = tmp_path_factory.mktemp("splits") / "parity16.txt"
+    path.write_text("\n".join(ids[:16]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_split(data_root, tmp_path_factory) -> Path:
     """12 real training frames (6 Kvasir-SEG, 6 CVC-ClinicDB) as a split file."""
     ids = (data_root / "splits" / "pranet-train.txt").read_text().split()

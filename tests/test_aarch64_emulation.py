@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +31,6 @@ from edgeseg.data.splits import image_path, mask_path, read_split
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-AUTHORS_WEIGHTS = REPO.parent / "shared" / "weights" / "ultraseg-130k-authors.pth"
 
 if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
     pytest.skip("emulating a Raspberry Pi needs an x86_64 Linux host (qemu-user)", allow_module_level=True)
@@ -50,20 +47,17 @@ def sysroot():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, data_root):
+def setup(tmp_path_factory, data_root, authors_ckpt):
     """The authors' UltraSeg-130K converted to fp32 and int8, and 2 real frames (+48 calibration frames)."""
     from edgeseg.checkpoint import load_model
     from edgeseg.export import tflite
-    from edgeseg.models.authors import import_released
 
-    if not AUTHORS_WEIGHTS.is_file():
-        pytest.fail(f"released weights not found at {AUTHORS_WEIGHTS}; put shared/ beside the repo")
     try:
         python = tflite.litert_python()
     except ImportError:
         python = str(tflite.setup_litert_env())
     tmp = tmp_path_factory.mktemp("aarch64")
-    model, contract, _ = load_model(import_released("ultraseg-130k", AUTHORS_WEIGHTS, tmp / "authors.pt"))
+    model, contract, _ = load_model(authors_ckpt)
     ids = read_split("pranet-train", data_root)
 
     def frames(sel):

@@ -16,14 +16,9 @@ from edgeseg.models.authors import import_released
 AUTHORS_MDICE = {"pranet-test-kvasir": 0.882, "pranet-test-cvc-clinicdb": 0.856}
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory, authors_weights):
-    return import_released("ultraseg-130k", authors_weights, tmp_path_factory.mktemp("w") / "authors.pt")
-
-
 @pytest.mark.parametrize("split", sorted(AUTHORS_MDICE))
-def test_released_weights_reproduce_the_authors_dice(imported, data_root, split):
-    model, contract, ckpt = load_model(imported)
+def test_released_weights_reproduce_the_authors_dice(authors_ckpt, data_root, split):
+    model, contract, ckpt = load_model(authors_ckpt)
     assert ckpt["model"] == "ultraseg-130k" and ckpt["model_kwargs"] == {"num_classes": 2}
     assert contract.size == 256 and contract.mean is None and contract.std is None
     torch.set_num_threads(1)
@@ -31,8 +26,8 @@ def test_released_weights_reproduce_the_authors_dice(imported, data_root, split)
     assert abs(r["mdice"] - AUTHORS_MDICE[split]) < 0.01, r["mdice"]
 
 
-def test_released_scalars_land_where_the_spec_says(imported):
-    model, _, _ = load_model(imported)
+def test_released_scalars_land_where_the_spec_says(authors_ckpt):
+    model, _, _ = load_model(authors_ckpt)
     assert model.attention_alpha.item() == pytest.approx(0.235, abs=1e-3)
     assert model.encoder3[1].res_weight.item() == pytest.approx(0.201, abs=1e-3)
     assert model.merge4.region_weight.item() == pytest.approx(0.067, abs=1e-3)

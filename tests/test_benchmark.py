@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
-from edgeseg.models.authors import import_released
 
 
-def test_benchmark_rows_files_and_plots(cli, authors_weights, data_root, tmp_path):
-    ckpt = import_released("ultraseg-130k", authors_weights, tmp_path / "authors.pt")
+def test_benchmark_rows_files_and_plots(cli, authors_ckpt, data_root, tmp_path):
+    ckpt = authors_ckpt
     out = tmp_path / "bench"
     code, stdout, err = cli("benchmark", ckpt, "--targets", "onnx,tensorrt-jetson", "--runs", "5", "--warmup", "1",
                             "--out", out, "--data-root", data_root)

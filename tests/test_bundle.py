@@ -8,14 +8,12 @@ import tarfile
 import pytest
 
 from edgeseg.export import export
-from edgeseg.models.authors import import_released
 
 
 @pytest.fixture(scope="module")
-def artefact(tmp_path_factory, authors_weights, data_root):
+def artefact(tmp_path_factory, authors_ckpt, data_root):
     d = tmp_path_factory.mktemp("art")
-    ckpt = import_released("ultraseg-130k", authors_weights, d / "authors.pt")
-    return export(ckpt, "onnx", d / "onnx", parity_split="pranet-test-cvc-clinicdb", data_root=data_root).path
+    return export(authors_ckpt, "onnx", d / "onnx", parity_split="pranet-test-cvc-clinicdb", data_root=data_root).path
 
 
 @pytest.fixture

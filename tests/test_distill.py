@@ -16,16 +16,15 @@ from edgeseg.distill import RECIPES, Distiller
 from edgeseg.errors import EdgesegError
 from edgeseg.losses import SegLoss
 from edgeseg.models import count_params, create_model
-from edgeseg.models.authors import import_released
 
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory, authors_weights):
+def teacher_ckpt(tmp_path_factory, authors_ckpt):
     """The authors' trained UltraSeg-130K as a confident teacher, saved with a 128x128 contract."""
     d = tmp_path_factory.mktemp("teacher")
-    model, _, _ = load_model(import_released("ultraseg-130k", authors_weights, d / "authors.pt"))
+    model, _, _ = load_model(authors_ckpt)
     return save_atomic(make_checkpoint(model, InputContract(size=SIZE)), d / "teacher128.pt")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,34 +23,11 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxslim")
 pytest.importorskip("onnxruntime")
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 CONFIG_KEYS = {"format", "target", "backend", "device", "precision", "artefact", "model_files", "model",
                "checkpoint", "input_contract", "input", "output", "calibration", "edgeseg_version",
                "runtime_versions", "prepare", "backend_config", "timings_s"}
 PARITY_KEYS = {"mdice_ref", "mdice", "delta", "worst_image_drop", "pixel_agreement", "max_abs_logit_diff",
                "n_images", "budget", "precision", "target", "split", "ids"}
-
-
-@pytest.fixture(scope="session")
-def authors_ckpt(tmp_path_factory):
-    """The UltraSeg authors' released 130K weights as an edgeseg checkpoint."""
-    from edgeseg.models.authors import import_released
-
-    weights = WEIGHTS / "ultraseg-130k-authors.pth"
-    return import_released("ultraseg-130k", weights, tmp_path_factory.mktemp("ckpt") / "authors.pt")
-
-
-@pytest.fixture(scope="session")
-def parity16(data_root, tmp_path_factory):
-    """16 frames of the default parity split (validation carved from pranet-train, seed 42)."""
-    from edgeseg.export.parity import resolve_parity_ids
-
-    ids, _ = resolve_parity_ids(None, data_root)
-    path = tmp_path_factory.mktemp("splits") / "parity16.txt"
-    path.write_text("\n".join(ids[:16]) + "\n")
-    return path
-
-
 
 
 # --- preparation -------------------------------------------------------------------------------------------

@@ -13,30 +13,12 @@ import pytest
 from edgeseg.calibration import make_manifest, read_manifest, write_manifest
 from edgeseg.data.splits import image_path, mask_path
 from edgeseg.errors import EdgesegError
-from edgeseg.export.parity import MAX_DELTA, resolve_parity_ids
+from edgeseg.export.parity import MAX_DELTA
 from _helpers import one_line_error
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytest.importorskip("onnxslim")
-
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
-
-
-@pytest.fixture(scope="session")
-def authors_ckpt(tmp_path_factory):
-    from edgeseg.models.authors import import_released
-
-    return import_released("ultraseg-130k", WEIGHTS / "ultraseg-130k-authors.pth",
-                           tmp_path_factory.mktemp("ckpt") / "authors.pt")
-
-
-@pytest.fixture(scope="session")
-def parity16(data_root, tmp_path_factory) -> Path:
-    ids, _ = resolve_parity_ids(None, data_root)
-    path = tmp_path_factory.mktemp("splits") / "parity16.txt"
-    path.write_text("\n".join(ids[:16]) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")

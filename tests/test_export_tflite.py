@@ -20,7 +20,6 @@ from edgeseg.data.io import read_pair
 from edgeseg.data.splits import image_path, mask_path, read_split
 
 REPO = Path(__file__).resolve().parents[1]
-AUTHORS_WEIGHTS = REPO.parent / "shared" / "weights" / "ultraseg-130k-authors.pth"
 
 if not sys.platform.startswith("linux"):
     pytest.skip("ai-edge-litert / litert-torch wheels used here exist for Linux only", allow_module_level=True)
@@ -61,15 +60,11 @@ def real_frames(data_root):
 
 
 @pytest.fixture(scope="session")
-def authors(tmp_path_factory):
-    """The authors' released UltraSeg-130K weights as an edgeseg checkpoint (model, contract)."""
-    if not AUTHORS_WEIGHTS.is_file():
-        pytest.fail(f"released weights not found at {AUTHORS_WEIGHTS}; put shared/ beside the repo")
+def authors(authors_ckpt):
+    """The authors' released UltraSeg-130K weights as (model, contract)."""
     from edgeseg.checkpoint import load_model
-    from edgeseg.models.authors import import_released
 
-    ckpt = import_released("ultraseg-130k", AUTHORS_WEIGHTS, tmp_path_factory.mktemp("ckpt") / "authors.pt")
-    model, contract, _ = load_model(ckpt)
+    model, contract, _ = load_model(authors_ckpt)
     return model, contract
 
 
@@ -258,16 +253,13 @@ def test_backend_interface(tfl, convert, litert_python, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("precision, extra", [("fp32", []), ("fp16", [])])
-def test_pipeline_export_passes_its_parity_gate(cli, litert_python, authors_weights, data_root, tmp_path,
+def test_pipeline_export_passes_its_parity_gate(cli, litert_python, authors_ckpt, data_root, tmp_path,
                                                 monkeypatch, precision, extra):
     """`edgeseg export --target tflite-rpi` end to end: conversion, config, parity on real frames."""
     import json
 
-    from edgeseg.models.authors import import_released
-
     monkeypatch.setenv("EDGESEG_LITERT_PYTHON", litert_python)
-    ckpt = import_released("ultraseg-130k", authors_weights, tmp_path / "authors.pt")
-    code, out, err = cli("export", ckpt, "--target", "tflite-rpi", "--precision", precision, "--out",
+    code, out, err = cli("export", authors_ckpt, "--target", "tflite-rpi", "--precision", precision, "--out",
                          tmp_path / "art", "--parity-split", "pranet-test-cvc-clinicdb", "--data-root", data_root,
                          *extra)
     assert code == 0, err
