@@ -19,7 +19,7 @@ from edgeseg.errors import EdgesegError
 
 COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps", "threads",
            "runtime"]
-DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "calibration" / "pranet-train-300.json"
+DEFAULT_CALIB = Path(__file__).resolve().parent / "_calibration" / "pranet-train-300.json"  # calibration/, packaged
 
 
 def _artefact_size_kb(folder: Path) -> float:

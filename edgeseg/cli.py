@@ -344,6 +344,13 @@ def main() -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ModuleNotFoundError as e:  # a runtime-only (device) install running a host command
+        if e.name != "torch" or os.environ.get("EDGESEG_DEBUG"):
+            raise
+        print("error: this command needs PyTorch, which this runtime-only install lacks: "
+              "pip install 'edgeseg[torch]' (profile, predict on an artefact, bundle, verify and selftest "
+              "run without it)", file=sys.stderr)
+        sys.exit(2)
 
 
 

@@ -74,8 +74,9 @@ class Target:
 
 
 def targets_dir() -> Path:
-    """The top-level ``targets/`` folder of the edgeseg source tree."""
-    return Path(__file__).resolve().parent.parent / "targets"
+    """The target files: the top-level ``targets/`` folder, shipped in the package as ``edgeseg/_targets``
+    (a symlink in the source tree, a folder in a wheel)."""
+    return Path(__file__).resolve().parent / "_targets"
 
 
 def _frozen(d):

@@ -12,14 +12,12 @@ import pytest
 from edgeseg.checkpoint import load_model
 from edgeseg.errors import EdgesegError
 from edgeseg.evaluate import torch_logits_fn
-from edgeseg.models.authors import import_released
 from edgeseg.predict import predict_path
 
 
 @pytest.fixture(scope="module")
-def authors(tmp_path_factory, authors_weights):
-    model, contract, _ = load_model(import_released("ultraseg-130k", authors_weights,
-                                                    tmp_path_factory.mktemp("w") / "a.pt"))
+def authors(authors_ckpt):
+    model, contract, _ = load_model(authors_ckpt)
     return torch_logits_fn(model), contract
 
 

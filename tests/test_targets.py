@@ -22,7 +22,7 @@ PLANNED_BACKENDS = {"tensorrt"}
 
 def test_every_toml_parses_and_the_files_are_the_registry():
     files = sorted(targets_dir().glob("*.toml"))
-    assert targets_dir() == REPO / "targets"
+    assert targets_dir().resolve() == REPO / "targets"  # the packaged path is a symlink to targets/
     for path in files:
         raw = tomllib.loads(path.read_text())
         assert raw["id"] == path.stem
@@ -100,3 +100,19 @@ def test_registry_and_help_need_no_optional_runtime():
     done = subprocess.run([sys.executable, "-c", "import sys, edgeseg.targets; assert 'torch' not in sys.modules"],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_wheel_ships_targets_calibration_and_the_default_model(tmp_path):
+    """A non-editable install has no source tree: the wheel must carry the registry, the default calibration
+    manifest and the shipped checkpoint."""
+    import zipfile
+
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("edgeseg-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"edgeseg/_targets/{p.name}" for p in (REPO / "targets").glob("*.toml")}
+    want |= {f"edgeseg/_calibration/{p.name}" for p in (REPO / "calibration").glob("*.json")}
+    want.add("edgeseg/weights/ultraseg-108k-pranet.pt")
+    assert len(want) >= 7 and want <= names, sorted(want - names)
