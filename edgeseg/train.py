@@ -182,38 +182,52 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     for epoch in range(start_epoch, cfg.epochs):
         train_data.augment.epoch = epoch
         objective.set_epoch(epoch)
-        sampler = (DistributedSampler(train_data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-                   if world > 1 else RandomSampler(train_data, generator=torch.Generator().manual_seed(cfg.seed + epoch)))
-        if world > 1:
-            sampler.set_epoch(epoch)
-        loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.workers, persistent_workers=False)
+        loader = _epoch_loader(cfg, train_data, epoch, rank, world)
         t0 = time.perf_counter()
         train_loss = _train_epoch(cfg, net, objective, opt, loader, epoch, rank)
         elapsed = time.perf_counter() - t0
         if rank == 0:
-            eval_model = objective.eval_model()
-            val = validate(eval_model, val_data)
-            improved = val["mdice"] > best
-            best = max(best, val["mdice"])
-            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss,
-                   "val_mdice": val["mdice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"],
-                   "epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
-            extra = dict(config=cfg.to_dict(), splits=splits, epoch=epoch + 1, metrics=row, best_mdice=best,
-                         distill=distill_info)
-            if improved:
-                save_atomic(make_checkpoint(eval_model, contract, **extra), out / "best.pt")
-            train_state = {"student": model.state_dict(), "optimizer": opt.state_dict(),
-                           "objective": objective.extra_state()}
-            save_atomic(make_checkpoint(eval_model, contract, train_state=train_state, **extra), out / "last.pt")
-            _log_epoch(out, row)
-            log.info("epoch %d/%d loss %.4f val mDice %.4f (best %.4f) %.1f img/s", epoch + 1, cfg.epochs,
-                     train_loss, val["mdice"], best, row["img_per_s"])
+            head = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
+            speed = {"epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
+            extra = dict(config=cfg.to_dict(), splits=splits, distill=distill_info)
+            best = _validate_and_save(cfg, out, model, objective, opt, val_data, contract, head, speed, best, extra)
         if world > 1:
             dist.barrier()
     if world > 1:
         _check_ranks_agree(objective.eval_model(), out, rank, world)
     return out / "best.pt"
+
+
+def _epoch_loader(cfg: TrainConfig, data: SegDataset, epoch: int, rank: int, world: int) -> DataLoader:
+    """This epoch's shuffled batches: seeded by (seed, epoch), split across ranks under DDP."""
+    if world > 1:
+        sampler = DistributedSampler(data, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
+                      persistent_workers=False)
+
+
+def _validate_and_save(cfg, out: Path, model, objective, opt, val_data, contract, head: dict, speed: dict,
+                       best: float, extra: dict) -> float:
+    """Rank 0 at the end of an epoch: validate the model that would be exported (the EMA student when
+    distilling), write best.pt if it improved, last.pt with the full training state, the CSV and the log.
+    Returns the best validation mDice so far."""
+    eval_model = objective.eval_model()
+    val = validate(eval_model, val_data)
+    improved = val["mdice"] > best
+    best = max(best, val["mdice"])
+    row = {**head, "val_mdice": val["mdice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"], **speed}
+    extra = dict(extra, epoch=row["epoch"], metrics=row, best_mdice=best)
+    if improved:
+        save_atomic(make_checkpoint(eval_model, contract, **extra), out / "best.pt")
+    train_state = {"student": model.state_dict(), "optimizer": opt.state_dict(), "objective": objective.extra_state()}
+    save_atomic(make_checkpoint(eval_model, contract, train_state=train_state, **extra), out / "last.pt")
+    _log_epoch(out, row)
+    log.info("epoch %d/%d loss %.4f val mDice %.4f (best %.4f) %.1f img/s", row["epoch"], cfg.epochs,
+             row["train_loss"], val["mdice"], best, row["img_per_s"])
+    return best
 
 
 def _train_epoch(cfg, net, objective, opt, loader, epoch: int, rank: int) -> float:
