@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from edgeseg.errors import EdgesegError
@@ -22,7 +23,8 @@ COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms
 DEFAULT_CALIB = Path(__file__).resolve().parent / "_calibration" / "pranet-train-300.json"  # calibration/, packaged
 
 
-def _artefact_size_kb(folder: Path) -> float:
+def artefact_size_kb(folder: Path) -> float:
+    """Size of the artefact's model files (not its config, parity record or caches)."""
     config = json.loads((folder / "config.json").read_text())
     return sum((folder / f).stat().st_size for f in config["model_files"]) / 1024
 
@@ -35,7 +37,10 @@ def _reusable(folder: Path, checkpoint_sha: str) -> bool:
     return config["checkpoint"]["sha256"] == checkpoint_sha and (folder / "parity.json").is_file()
 
 
-def _one(checkpoint, ckpt_sha, target, precision, out: Path, calib, data_root, runs, warmup, threads) -> dict:
+def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, data_root, runs, warmup,
+                  threads) -> dict:
+    """Export (or reuse) ``checkpoint`` for one target x precision under ``out``, then profile it on this host.
+    Every number in the row is measured; what could not be measured is said in ``status``."""
     from edgeseg.export import ParityFailure, export, require_runtime
     from edgeseg.profiling import profile_artefact
 
@@ -47,12 +52,15 @@ def _one(checkpoint, ckpt_sha, target, precision, out: Path, calib, data_root, r
     folder = out / f"{target.id}-{precision}"
     try:
         if not _reusable(folder, ckpt_sha):
+            t0 = time.perf_counter()
             export(checkpoint, target.id, folder, precision=precision, data_root=data_root,
                    calib=calib if target.needs_calibration(precision) else None)
-    except ParityFailure as e:
-        return {**row, "status": f"rejected by parity gate: {e}"}
-    parity = json.loads((folder / "parity.json").read_text())
-    row.update(size_kb=_artefact_size_kb(folder), mdice=parity["mdice"], delta=parity["delta"])
+            row["export_s"] = time.perf_counter() - t0
+    except ParityFailure as e:  # measured, kept as <folder>.rejected, and not profiled
+        parity = json.loads((e.path / "parity.json").read_text())
+        return {**row, "status": f"rejected by parity gate (delta {parity['delta']:+.4f}, budget {parity['budget']})",
+                **_artefact_facts(e.path, parity)}
+    row.update(_artefact_facts(folder, json.loads((folder / "parity.json").read_text())))
     try:
         prof = profile_artefact(folder, threads=threads, warmup=warmup, runs=runs)
     except EdgesegError as e:  # exported and parity-checked, but this host lacks the device to time it
@@ -60,6 +68,12 @@ def _one(checkpoint, ckpt_sha, target, precision, out: Path, calib, data_root, r
     runtime = ", ".join(f"{k} {v}" for k, v in prof["runtime"].items() if k in ("openvino", "onnxruntime", "litert"))
     return {**row, "status": "ok", "p50_ms": prof["p50_ms"], "p99_ms": prof["p99_ms"], "fps": prof["fps"],
             "threads": prof["threads"], "runtime": runtime, "samples_ms": prof["samples_ms"]}
+
+
+def _artefact_facts(folder: Path, parity: dict) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    return {"size_kb": artefact_size_kb(folder), "mdice": parity["mdice"], "delta": parity["delta"],
+            "budget": parity["budget"], "transposes": config["backend_config"].get("transpose_count")}
 
 
 def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
@@ -72,7 +86,7 @@ def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=No
     ckpt_sha = file_sha256(checkpoint if checkpoint is not None else DEFAULT_MODEL)
     calib = calib or DEFAULT_CALIB
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_one(checkpoint, ckpt_sha, t, p, out, calib, data_root, runs, warmup, threads)
+    rows = [benchmark_row(checkpoint, ckpt_sha, t, p, out, calib, data_root, runs, warmup, threads)
             for t in chosen for p in t.precisions]
     write_table(rows, out)
     plot(rows, out)

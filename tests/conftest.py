@@ -48,6 +48,17 @@ def parity16(data_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def litert_python() -> str:
+    """The TFLite conversion interpreter; built once under the cache dir when none is configured."""
+    from edgeseg.export import tflite
+
+    try:
+        return tflite.litert_python()
+    except ImportError:
+        return str(tflite.setup_litert_env())
+
+
+@pytest.fixture(scope="session")
 def tiny_split(data_root, tmp_path_factory) -> Path:
     """12 real training frames (6 Kvasir-SEG, 6 CVC-ClinicDB) as a split file."""
     ids = (data_root / "splits" / "pranet-train.txt").read_text().split()

@@ -47,15 +47,12 @@ def sysroot():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, data_root, authors_ckpt):
+def setup(tmp_path_factory, data_root, authors_ckpt, litert_python):
     """The authors' UltraSeg-130K converted to fp32 and int8, and 2 real frames (+48 calibration frames)."""
     from edgeseg.checkpoint import load_model
     from edgeseg.export import tflite
 
-    try:
-        python = tflite.litert_python()
-    except ImportError:
-        python = str(tflite.setup_litert_env())
+    python = litert_python
     tmp = tmp_path_factory.mktemp("aarch64")
     model, contract, _ = load_model(authors_ckpt)
     ids = read_split("pranet-train", data_root)

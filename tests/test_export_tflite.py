@@ -36,15 +36,6 @@ def tfl():
     return tflite
 
 
-@pytest.fixture(scope="session")
-def litert_python(tfl):
-    """The conversion interpreter; built once under the cache dir when none is configured."""
-    try:
-        return tfl.litert_python()
-    except ImportError:
-        return str(tfl.setup_litert_env())
-
-
 def _frames(root: Path, ids: list[str], contract: InputContract) -> np.ndarray:
     return np.concatenate([contract.preprocess(read_pair(image_path(root, s), mask_path(root, s))[0]) for s in ids])
 
