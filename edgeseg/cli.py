@@ -427,5 +427,27 @@ def export_artefact(
     typer.echo(result.path)
 
 
+@app.command("build-engine")
+def build_engine_cmd(
+    artefact: Annotated[Path, typer.Argument(help="tensorrt-jetson artefact folder (from `edgeseg export`).")],
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache: loaded if present, "
+                                                         "saved after the build.")] = None,
+    workspace: Annotated[Optional[int], typer.Option(help="Builder workspace limit in MB (default: "
+                                                     "TensorRT's).")] = None,
+):
+    """On the Jetson: build model.engine + model.engine.json from the artefact's ONNX and run its golden check
+    (exit 1 on FAIL)."""
+    from edgeseg.export.tensorrt import build_engine
+
+    r = build_engine(artefact, timing_cache=timing_cache, workspace_mb=workspace)
+    g = r["golden_check"]
+    typer.echo(f"{'PASS' if g['passed'] else 'FAIL'} golden check {r['precision']}: mask agreement "
+               f"{g['mask_agreement']:.5f}, max |logit diff| {g['max_abs_logit_diff']:.3g} (tolerance "
+               f"{g['tolerance']}); TensorRT {r['tensorrt']}, {r['gpu']} (sm {r['compute_capability']}), "
+               f"built in {r['build_s']} s -> {artefact / r['engine']}")
+    if not g["passed"]:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -48,6 +48,14 @@ def parity16(data_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calib32(data_root, tmp_path_factory) -> Path:
+    """A 32-frame calibration manifest from the training part of pranet-train (disjoint from the parity frames)."""
+    from edgeseg.calibration import make_manifest, write_manifest
+
+    return write_manifest(make_manifest("pranet-train", data_root, n=32), tmp_path_factory.mktemp("cal") / "c32.json")
+
+
+@pytest.fixture(scope="session")
 def litert_python() -> str:
     """The TFLite conversion interpreter; built once under the cache dir when none is configured."""
     from edgeseg.export import tflite

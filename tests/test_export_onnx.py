@@ -164,8 +164,8 @@ def test_unknown_target_and_precision(cli, authors_ckpt, tmp_path):
                     "--calib only applies to int8")
     one_line_error(*cli("export", authors_ckpt, "--target", "onnx", "--max-dice-drop", "0.01", "--out", out)[::2],
                     "--max-dice-drop", "OpenVINO int8")
-    one_line_error(*cli("export", authors_ckpt, "--target", "tensorrt-jetson", "--out", out)[::2],
-                    "tensorrt-jetson")
+    one_line_error(*cli("export", authors_ckpt, "--target", "tensorrt-jetson", "--precision", "int8", "--out",
+                        out)[::2], "tensorrt-jetson int8 needs a calibration manifest")
     assert not out.exists()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeseg.calibration import make_manifest, read_manifest, write_manifest
+from edgeseg.calibration import read_manifest, write_manifest
 from edgeseg.data.splits import image_path, mask_path
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import MAX_DELTA
@@ -19,12 +19,6 @@ from _helpers import one_line_error
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytest.importorskip("onnxslim")
-
-
-@pytest.fixture(scope="session")
-def calib32(data_root, tmp_path_factory) -> Path:
-    """32 calibration frames from the training part of pranet-train (disjoint from the parity frames)."""
-    return write_manifest(make_manifest("pranet-train", data_root, n=32), tmp_path_factory.mktemp("cal") / "c32.json")
 
 
 def _export(cli, ckpt, out, data_root, parity16, *args):

@@ -17,9 +17,6 @@ from edgeseg.targets import PRECISIONS, get_target, list_targets, targets_dir
 REPO = Path(__file__).resolve().parents[1]
 ISSUE_TARGETS = {"onnx", "openvino-cpu", "openvino-igpu", "tflite-rpi", "tensorrt-jetson"}
 # Backends whose module may still be missing (the registry already lists their targets).
-PLANNED_BACKENDS = {"tensorrt"}
-
-
 def test_every_toml_parses_and_the_files_are_the_registry():
     files = sorted(targets_dir().glob("*.toml"))
     assert targets_dir().resolve() == REPO / "targets"  # the packaged path is a symlink to targets/
@@ -45,12 +42,9 @@ def test_target_rows_are_consistent(target):
 
 
 @pytest.mark.parametrize("target", list_targets(), ids=lambda t: t.id)
-def test_each_backend_module_exists_or_is_planned(target):
-    exists = importlib.util.find_spec(f"edgeseg.export.{target.backend}") is not None
-    assert exists or target.backend in PLANNED_BACKENDS, target.backend
-    if exists:
-        module = importlib.import_module(f"edgeseg.export.{target.backend}")
-        assert callable(module.export) and callable(module.load_runner)
+def test_each_backend_module_exists(target):
+    module = importlib.import_module(f"edgeseg.export.{target.backend}")
+    assert callable(module.export) and callable(module.load_runner)
 
 
 def test_unknown_target_suggests_the_nearest():
