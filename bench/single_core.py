@@ -11,6 +11,7 @@ Artefacts come from ``edgeseg export`` / ``edgeseg benchmark``; each is timed wi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -51,18 +52,22 @@ def main() -> None:
                                                                                 dtype=np.uint8)))
     with torch.inference_mode():
         ref = time_runner(lambda: model(x), args.warmup, args.runs).stats
-    rows = [("pytorch eager fp32", ref.p50_ms, ref.p90_ms, ref.fps, None)]
+    rows = [("pytorch eager fp32", ref.p50_ms, ref.p90_ms, ref.fps, None, None)]
     with tempfile.TemporaryDirectory() as tmp:
         video = cvc_video(resolve_data_root(args.data_root), Path(tmp) / "cvc.avi")
         for art in args.artefacts:
             r = profile_artefact(art, threads=1, warmup=args.warmup, runs=args.runs, end_to_end=video)
-            rows.append((f"{r['target']} {r['precision']}", r["p50_ms"], r["p90_ms"], r["fps"], r["end_to_end"]["fps"]))
+            parity = json.loads((Path(art) / "parity.json").read_text())
+            gate = "" if parity["delta"] <= parity["budget"] else " REJECTED"  # over its parity budget
+            rows.append((f"{r['target']} {r['precision']}{gate}", r["p50_ms"], r["p90_ms"], r["fps"],
+                         r["end_to_end"]["fps"], parity["delta"]))
     print(f"{ckpt['model']}, one pinned core ({args.core}) of {os.cpu_count()}, {args.warmup} warm-up + "
           f"{args.runs} runs, batch 1, {contract.size}x{contract.size}")
-    print(f"{'engine':28}{'p50 ms':>10}{'p90 ms':>10}{'FPS':>9}{'x PyTorch':>11}{'video FPS':>11}")
-    for name, p50, p90, fps, video_fps in rows:
+    print(f"{'engine':32}{'p50 ms':>10}{'p90 ms':>10}{'FPS':>9}{'x PyTorch':>11}{'video FPS':>11}{'mDice delta':>13}")
+    for name, p50, p90, fps, video_fps, delta in rows:
         vf = f"{video_fps:11.1f}" if video_fps is not None else f"{'-':>11}"
-        print(f"{name:28}{p50:10.2f}{p90:10.2f}{fps:9.1f}{ref.p50_ms / p50:11.2f}{vf}")
+        dl = f"{delta:+13.4f}" if delta is not None else f"{'-':>13}"
+        print(f"{name:32}{p50:10.2f}{p90:10.2f}{fps:9.1f}{ref.p50_ms / p50:11.2f}{vf}{dl}")
 
 
 if __name__ == "__main__":
