@@ -20,6 +20,7 @@ from edgeseg.errors import EdgesegError
 
 COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps", "threads",
            "runtime"]
+RUNTIMES = ("onnxruntime", "openvino", "ai_edge_litert", "tflite_runtime", "tensorrt")  # runner version keys
 DEFAULT_CALIB = Path(__file__).resolve().parent / "_calibration" / "pranet-train-300.json"  # calibration/, packaged
 
 
@@ -65,7 +66,7 @@ def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, dat
         prof = profile_artefact(folder, threads=threads, warmup=warmup, runs=runs)
     except EdgesegError as e:  # exported and parity-checked, but this host lacks the device to time it
         return {**row, "status": f"exported; not profiled: {e}"}
-    runtime = ", ".join(f"{k} {v}" for k, v in prof["runtime"].items() if k in ("openvino", "onnxruntime", "litert"))
+    runtime = ", ".join(f"{k} {v}" for k, v in prof["runtime"].items() if k in RUNTIMES)
     return {**row, "status": "ok", "p50_ms": prof["p50_ms"], "p99_ms": prof["p99_ms"], "fps": prof["fps"],
             "threads": prof["threads"], "runtime": runtime, "samples_ms": prof["samples_ms"]}
 

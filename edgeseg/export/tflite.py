@@ -401,9 +401,20 @@ def load_runner(path: str | os.PathLike, target=None, device: str | None = None,
 
     run.to_model_input, run.invoke_raw, run.from_model_output = to_model_input, invoke_raw, from_model_output
     run.input_details, run.output_details = inp, out
-    run.effective = {"runtime": cls.__module__.split(".")[0], "threads": int(threads), "kernels": kernels,
-                     "input_dtype": np.dtype(inp["dtype"]).name, "output_dtype": np.dtype(out["dtype"]).name}
+    module = cls.__module__.split(".")[0]  # ai_edge_litert, or tflite_runtime on a device that has only that
+    run.effective = {"runtime": module, module: _dist_version(module.replace("_", "-")), "threads": int(threads),
+                     "kernels": kernels, "input_dtype": np.dtype(inp["dtype"]).name,
+                     "output_dtype": np.dtype(out["dtype"]).name}
     return run
+
+
+def _dist_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def compare_to_torch(model, runner: Callable[[np.ndarray], np.ndarray], frames: np.ndarray) -> dict:
