@@ -10,13 +10,13 @@ its status instead of a number: nothing in the table is estimated.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from edgeseg.errors import EdgesegError
+from edgeseg.fileio import write_atomic
 
 COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps", "threads",
            "runtime"]
@@ -106,22 +106,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_table(rows: list[dict], out: Path) -> None:
-    _atomic_text(out / "benchmark.md", markdown(rows))
-    _atomic_text(out / "benchmark.json", json.dumps(rows, indent=2, default=str))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".benchmark.csv.")
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows({c: _fmt(r.get(c)) for c in COLUMNS} for r in rows)
-    os.replace(tmp, out / "benchmark.csv")
+    write_atomic(out / "benchmark.md", markdown(rows))
+    write_atomic(out / "benchmark.json", json.dumps(rows, indent=2, default=str))
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows({c: _fmt(r.get(c)) for c in COLUMNS} for r in rows)
+    write_atomic(out / "benchmark.csv", table.getvalue())
 
 
 def plot(rows: list[dict], out: Path) -> None:

@@ -9,8 +9,6 @@ Network resolution: the prediction at ``size`` x ``size`` against the mask resiz
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ import numpy as np
 from edgeseg.contract import InputContract, resize_mask
 from edgeseg.data.io import read_pair
 from edgeseg.data.splits import image_path, mask_path
+from edgeseg.fileio import write_atomic
 from edgeseg.metrics import SegMetrics
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, 3, S, S) float32 -> (B, 1, S, S) float32 logits
@@ -97,7 +96,4 @@ def write_overlays(folder: Path, items, size: int) -> None:
 def write_json_atomic(obj: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2))

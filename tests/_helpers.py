@@ -1,4 +1,4 @@
-"""Assertions shared by the CLI tests (importable because pytest puts tests/ on sys.path)."""
+"""Helpers shared by the CLI tests (importable because pytest puts tests/ on sys.path)."""
 
 
 def one_line_error(code: int, err: str, *needles: str, exit_code: int = 2) -> None:
@@ -9,3 +9,20 @@ def one_line_error(code: int, err: str, *needles: str, exit_code: int = 2) -> No
     assert "Traceback" not in err
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def run_main(*args) -> int:
+    """``edgeseg ARGS...`` in-process through ``main()``; returns the exit code (output goes wherever the
+    caller captures it)."""
+    import sys
+
+    from edgeseg.cli import main
+
+    argv, sys.argv = sys.argv, ["edgeseg", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -77,17 +76,12 @@ def tiny_split(data_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
+def cli(capsys):
     """Run ``edgeseg ARGS...`` in-process through ``main()``; returns (exit code, stdout, stderr)."""
-    from edgeseg.cli import main
+    from _helpers import run_main
 
     def run(*args: str):
-        monkeypatch.setattr(sys, "argv", ["edgeseg", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = run_main(*args)
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -16,7 +16,7 @@ import pytest
 
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import MAX_DELTA
-from _helpers import one_line_error
+from _helpers import one_line_error, run_main
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -27,17 +27,10 @@ from edgeseg.export import tensorrt as trt_backend  # noqa: E402  (after the ski
 
 
 def _run_cli(*args) -> tuple[int, str, str]:
-    """``edgeseg ARGS...`` in-process (the module-scoped twin of conftest's function-scoped ``cli``)."""
-    from edgeseg.cli import main
-
+    """``edgeseg ARGS...`` in-process, output captured here (conftest's ``cli`` is function-scoped)."""
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.setattr(sys, "argv", ["edgeseg", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_main(*args)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.errors import EdgesegError
+from edgeseg.fileio import write_atomic
 
 INPUT, OUTPUT = "input", "logits"
 ENGINE, SIDECAR = "model.engine", "model.engine.json"
@@ -560,19 +561,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise EdgesegError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def build_engine(artefact: str | os.PathLike, timing_cache: str | os.PathLike | None = None,
                  workspace_mb: int | None = None) -> dict:
     """Build model.engine + model.engine.json from a tensorrt-jetson artefact on this (Jetson) device, then run
@@ -626,7 +614,7 @@ def build_engine(artefact: str | os.PathLike, timing_cache: str | os.PathLike | 
         raise EdgesegError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} (see its log "
                            "above)")
     if cache_path is not None:
-        _atomic_write(cache_path, bytes(build_config.get_timing_cache().serialize()))
+        write_atomic(cache_path, bytes(build_config.get_timing_cache().serialize()))
     engine_bytes = bytes(plan)
     sidecar = {
         "format": SIDECAR_FORMAT, "format_version": 1, "engine": ENGINE, **running,
@@ -640,10 +628,10 @@ def build_engine(artefact: str | os.PathLike, timing_cache: str | os.PathLike | 
         "build_s": round(build_s, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # the sidecar first: an engine never lies next to a record of another build without its sha256 failing
-    _atomic_write(folder / SIDECAR, (json.dumps(sidecar, indent=2) + "\n").encode())
-    _atomic_write(folder / ENGINE, engine_bytes)
+    write_atomic(folder / SIDECAR, (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_atomic(folder / ENGINE, engine_bytes)
     sidecar["golden_check"] = golden_check(_trt_runner(folder, config, trt, cudart), folder, precision)
-    _atomic_write(folder / SIDECAR, (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_atomic(folder / SIDECAR, (json.dumps(sidecar, indent=2) + "\n").encode())
     return sidecar
 
 
