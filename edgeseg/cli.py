@@ -437,7 +437,7 @@ def build_engine_cmd(
 ):
     """On the Jetson: build model.engine + model.engine.json from the artefact's ONNX and run its golden check
     (exit 1 on FAIL)."""
-    from edgeseg.export.tensorrt import build_engine
+    from edgeseg.export.tensorrt_engine import build_engine
 
     r = build_engine(artefact, timing_cache=timing_cache, workspace_mb=workspace)
     g = r["golden_check"]

@@ -24,6 +24,7 @@ for _pkg in ("onnxslim", "nncf", "polygraphy", "onnx_graphsurgeon", "openvino"):
     pytest.importorskip(_pkg)
 
 from edgeseg.export import tensorrt as trt_backend  # noqa: E402  (after the skips: it needs nothing, but its tests do)
+from edgeseg.export import tensorrt_engine as trt_engine  # noqa: E402
 
 
 def _run_cli(*args) -> tuple[int, str, str]:
@@ -85,7 +86,7 @@ def _check_common(folder: Path, precision: str, min_agreement: float) -> tuple[d
         ("input", onnx.TensorProto.FLOAT), ("logits", onnx.TensorProto.FLOAT)]
     # the golden pair: a real parity frame, and ONNX Runtime reproduces its output
     golden = backend["golden"]
-    assert golden["frame"] == parity["ids"][0] and golden["tolerance"] == trt_backend.GOLDEN_TOLERANCE[precision]
+    assert golden["frame"] == parity["ids"][0] and golden["tolerance"] == trt_engine.GOLDEN_TOLERANCE[precision]
     x, y = np.load(folder / "golden_input.npy"), np.load(folder / "golden_output.npy")
     assert x.shape == (1, 3, 256, 256) and x.dtype == np.float32 and y.shape == (1, 1, 256, 256)
     opts = ort.SessionOptions()
@@ -159,6 +160,24 @@ def test_build_engine_without_tensorrt_is_a_one_line_error(cli, exported, monkey
     one_line_error(*cli("profile", folder, "--runs", "2", "--warmup", "1")[::2], "TensorRT is not installed")
 
 
+def test_engine_side_needs_no_export_stack(exported):
+    """On the Jetson only TensorRT + cuda-python exist: the engine module, build-engine and the GPU runner must not
+    import torch, onnx, ONNX Runtime, OpenVINO or Polygraphy (here they fail on the missing TensorRT instead)."""
+    import subprocess
+
+    folder = exported("fp16")
+    blocked = ["torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "polygraphy", "tensorrt"]
+    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            "from edgeseg.export import load_runner\nfrom edgeseg.export.tensorrt_engine import build_engine\n"
+            "from edgeseg.errors import EdgesegError\n"
+            f"for call in (lambda: build_engine({str(folder)!r}), lambda: load_runner({str(folder)!r})):\n"
+            "    try:\n        call()\n    except EdgesegError as e:\n"
+            "        assert 'TensorRT is not installed' in str(e), e\n"
+            "    else:\n        raise AssertionError('no error without TensorRT')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_engine_runner_refuses_a_mismatched_sidecar(cli, exported, monkeypatch, tmp_path):
     """The runner's checks before TensorRT deserializes anything, with fake TensorRT/CUDA handles."""
     import shutil
@@ -166,13 +185,13 @@ def test_engine_runner_refuses_a_mismatched_sidecar(cli, exported, monkeypatch, 
     work = shutil.copytree(exported("fp16"), tmp_path / "art")
     (work / "model.engine").write_bytes(b"not a real plan")
     running = {"tensorrt": "10.3.0", "compute_capability": "8.7", "gpu": "Orin", "cuda_runtime": "12.6"}
-    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda: object())
-    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: object())
-    monkeypatch.setattr(trt_backend, "running_versions", lambda trt=None, cudart=None: dict(running))
+    monkeypatch.setattr(trt_engine, "_import_tensorrt", lambda: object())
+    monkeypatch.setattr(trt_engine, "_import_cudart", lambda: object())
+    monkeypatch.setattr(trt_engine, "running_versions", lambda trt=None, cudart=None: dict(running))
     one_line_error(*cli("profile", work)[::2], "no model.engine + model.engine.json yet", "edgeseg build-engine")
-    sidecar = {"format": trt_backend.SIDECAR_FORMAT, "tensorrt": "8.6.2", "compute_capability": "8.7",
-               "onnx_sha256": trt_backend._sha256(work / "model.onnx"),
-               "engine_sha256": trt_backend._sha256(work / "model.engine")}
+    sidecar = {"format": trt_engine.SIDECAR_FORMAT, "tensorrt": "8.6.2", "compute_capability": "8.7",
+               "onnx_sha256": trt_engine._sha256(work / "model.onnx"),
+               "engine_sha256": trt_engine._sha256(work / "model.engine")}
     (work / "model.engine.json").write_text(json.dumps(sidecar))
     one_line_error(*cli("profile", work)[::2], "built with TensorRT 8.6.2 for compute capability 8.7",
                    "runs TensorRT 10.3.0 with compute capability 8.7", "rebuild")
@@ -183,8 +202,8 @@ def test_engine_runner_refuses_a_mismatched_sidecar(cli, exported, monkeypatch, 
 
 
 def test_sidecar_check():
-    check = trt_backend.check_engine_sidecar
-    sidecar = {"format": trt_backend.SIDECAR_FORMAT, "tensorrt": "10.3.0", "compute_capability": "8.7",
+    check = trt_engine.check_engine_sidecar
+    sidecar = {"format": trt_engine.SIDECAR_FORMAT, "tensorrt": "10.3.0", "compute_capability": "8.7",
                "onnx_sha256": "a" * 64, "engine_sha256": "b" * 64}
     here = {"tensorrt": "10.3.0", "compute_capability": "8.7", "gpu": "Orin"}
     check(sidecar, here, onnx_sha256="a" * 64, engine_sha256="b" * 64)  # a match passes
@@ -205,11 +224,11 @@ def test_l4t_release(tmp_path):
     f = tmp_path / "nv_tegra_release"
     f.write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 "
                  "01:49:37 UTC 2025\n# KERNEL_VARIANT: oot\n")
-    assert trt_backend.l4t_release(f) == "R36.4.3"
+    assert trt_engine.l4t_release(f) == "R36.4.3"
     f.write_text("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, DATE: Tue Aug  1 "
                  "19:57:35 UTC 2023\n")
-    assert trt_backend.l4t_release(f) == "R35.4.1"
-    assert trt_backend.l4t_release(tmp_path / "missing") is None
+    assert trt_engine.l4t_release(f) == "R35.4.1"
+    assert trt_engine.l4t_release(tmp_path / "missing") is None
 
 
 def test_fp16_conversion_of_a_small_graph():
@@ -246,7 +265,7 @@ def test_engine_build_on_a_jetson(exported):
     from edgeseg.export import load_runner
 
     folder = exported("fp16")
-    sidecar = trt_backend.build_engine(folder)
+    sidecar = trt_engine.build_engine(folder)
     assert sidecar["golden_check"]["passed"], sidecar["golden_check"]
     assert sidecar["tensorrt"] == tensorrt.__version__ and sidecar["precision"] == "fp16"
     assert json.loads((folder / "model.engine.json").read_text())["engine_sha256"] == sidecar["engine_sha256"]
