@@ -14,6 +14,7 @@ from edgeseg.contract import InputContract
 from edgeseg.data import load_decoded, read_split
 from edgeseg.distill import RECIPES, Distiller
 from edgeseg.errors import EdgesegError
+from edgeseg.export import export
 from edgeseg.losses import SegLoss
 from edgeseg.models import count_params, create_model
 
@@ -128,6 +129,15 @@ def test_distilled_checkpoint_is_a_plain_student_and_resume_keeps_stage_and_ema(
     assert count_params(model) == count_params(plain) == 24_881
     assert set(model.state_dict()) == set(plain.state_dict())
     assert straight["train_state"]["objective"]["ema"] is not None
+    onnx = pytest.importorskip("onnx")
+    # the deployed artefact too: the distilled student's ONNX holds exactly the plain student's weights
+    plain_ckpt = save_atomic(make_checkpoint(plain, InputContract(size=SIZE)), tmp_path / "plain.pt")
+    onnx_params = {}
+    for name, ckpt in (("distilled", tmp_path / "straight" / "best.pt"), ("plain", plain_ckpt)):
+        export(ckpt, "onnx", tmp_path / f"art-{name}", parity_split=str(tiny_split), data_root=data_root)
+        graph = onnx.load(str(tmp_path / f"art-{name}" / "model.onnx")).graph
+        onnx_params[name] = sum(int(np.prod(i.dims)) for i in graph.initializer)
+    assert onnx_params["distilled"] == onnx_params["plain"] > 0
 
     real_epoch = train_mod._train_epoch
 
