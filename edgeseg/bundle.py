@@ -24,6 +24,7 @@ import numpy as np
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
+from edgeseg.fileio import atomic_path
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "edgeseg-bundle"
@@ -76,20 +77,15 @@ def make_bundle(artefact: str | os.PathLike, out: str | os.PathLike, golden_rgb:
 
 
 def _write_tar(out: Path, files: dict[str, bytes]) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
-            for name, data in sorted(files.items()):
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EdgesegError(f"cannot write bundle {out}: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp, tarfile.open(tmp, mode="w:gz") as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
     return out
 
 

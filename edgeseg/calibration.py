@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
+from edgeseg.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,11 @@ def write_manifest(manifest: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise EdgesegError(f"cannot write manifest {path}: {e.strerror}") from None
     head = {k: v for k, v in manifest.items() if k != "images"}
     lines = ",\n".join(f"  {json.dumps(entry)}" for entry in manifest["images"])  # one image per line
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(head, indent=1)[:-2] + f',\n "images": [\n{lines}\n ]\n}}\n')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a manifest is meant to be committed
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(head, indent=1)[:-2] + f',\n "images": [\n{lines}\n ]\n}}\n')
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

@@ -12,7 +12,6 @@ import hashlib
 import os
 import pickle
 import subprocess
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from edgeseg import __version__
 from edgeseg.contract import InputContract
 from edgeseg.errors import EdgesegError
+from edgeseg.fileio import atomic_path
 
 FORMAT = "edgeseg-checkpoint"
 FORMAT_VERSION = 1
@@ -55,14 +55,8 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

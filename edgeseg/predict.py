@@ -9,9 +9,8 @@ stage is timed separately. Every output file is written to a temp name and renam
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from edgeseg.contract import InputContract
 from edgeseg.data.io import read_rgb
 from edgeseg.errors import EdgesegError
 from edgeseg.evaluate import overlay
+from edgeseg.fileio import atomic_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v"}
@@ -77,28 +77,18 @@ def _video_frames(cap: cv2.VideoCapture):
         index += 1
 
 
-def _tmp_for(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
-
-
 def _write_image(path: Path, rgb_or_grey: np.ndarray) -> None:
-    tmp = _tmp_for(path)
     img = cv2.cvtColor(rgb_or_grey, cv2.COLOR_RGB2BGR) if rgb_or_grey.ndim == 3 else rgb_or_grey
-    if not cv2.imwrite(str(tmp), img):
-        tmp.unlink(missing_ok=True)
-        raise EdgesegError(f"cannot write {path}; check that the folder is writable")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), img):
+            raise EdgesegError(f"cannot write {path}; check that the folder is writable")
 
 
 def _write_latency(out: Path, rows: list[dict]) -> None:
-    tmp = _tmp_for(out / "latency.csv")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(out / "latency.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LATENCY_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, out / "latency.csv")
 
 
 def _row(i: int, p: FramePrediction) -> dict:
@@ -166,28 +156,25 @@ def _predict_video(logits_fn, contract: InputContract, source: Path, out: Path) 
     cap = open_video(source)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     targets = {"overlay": out / f"{source.stem}_overlay.mp4", "mask": out / f"{source.stem}_mask.mp4"}
-    tmps = {k: _tmp_for(v) for k, v in targets.items()}
     writers: dict[str, cv2.VideoWriter] = {}
     rows = []
-    try:
-        for i, p in enumerate(predict_frames(logits_fn, contract, _video_frames(cap))):
-            if not writers:
-                size = (p.rgb.shape[1], p.rgb.shape[0])
-                writers = {k: cv2.VideoWriter(str(t), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-                           for k, t in tmps.items()}
-            writers["overlay"].write(cv2.cvtColor(p.overlay, cv2.COLOR_RGB2BGR))
-            writers["mask"].write(cv2.cvtColor(p.mask.astype(np.uint8) * 255, cv2.COLOR_GRAY2BGR))
-            rows.append(_row(i, p))
-    finally:
-        cap.release()
-        for w in writers.values():
-            w.release()
-    if not rows:
-        for t in tmps.values():
-            t.unlink(missing_ok=True)
-        raise EdgesegError(f"video {source} has no readable frames")
-    for k, t in tmps.items():
-        os.replace(t, targets[k])
+    with contextlib.ExitStack() as stack:  # both videos land together, or neither (temp files removed)
+        tmps = {k: stack.enter_context(atomic_path(v)) for k, v in targets.items()}
+        try:
+            for i, p in enumerate(predict_frames(logits_fn, contract, _video_frames(cap))):
+                if not writers:
+                    size = (p.rgb.shape[1], p.rgb.shape[0])
+                    writers = {k: cv2.VideoWriter(str(t), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+                               for k, t in tmps.items()}
+                writers["overlay"].write(cv2.cvtColor(p.overlay, cv2.COLOR_RGB2BGR))
+                writers["mask"].write(cv2.cvtColor(p.mask.astype(np.uint8) * 255, cv2.COLOR_GRAY2BGR))
+                rows.append(_row(i, p))
+        finally:
+            cap.release()
+            for w in writers.values():
+                w.release()
+        if not rows:
+            raise EdgesegError(f"video {source} has no readable frames")
     _write_latency(out, rows)
     return _summary(rows, kind="video", fps_in=fps)
 

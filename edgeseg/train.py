@@ -26,6 +26,7 @@ from edgeseg.config import TrainConfig, config_differences
 from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root, split_hash
 from edgeseg.errors import EdgesegError
+from edgeseg.fileio import atomic_path
 from edgeseg.losses import SegLoss
 from edgeseg.metrics import SegMetrics
 from edgeseg.models import create_model
@@ -264,12 +265,10 @@ def _log_epoch(out: Path, row: dict) -> None:
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
     rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
     _plot_curves(out, rows)
 
 
@@ -288,10 +287,9 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
     b.set(xlabel="epoch", title="validation")
     b.legend()
     fig.tight_layout()
-    tmp = out / "curves.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out / "curves.png")
 
 
 def _check_ranks_agree(model, out: Path, rank: int, world: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from edgeseg.contract import InputContract, resize_image, resize_mask
 from edgeseg.data.io import boundary_map, read_pair
 from edgeseg.data.splits import image_path, mask_path
 from edgeseg.data.transforms import Augment
+from edgeseg.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -71,10 +71,8 @@ def load_decoded(root: Path, ids: list[str], size: int, cache_dir: Path | None =
     dec = Decoded(list(ids), *(np.stack(a) for a in zip(*out)))
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp.npz")
-        os.close(fd)
-        np.savez(tmp, ids=np.array(ids), images=dec.images, masks=dec.masks, boundaries=dec.boundaries)
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file) as tmp:
+            np.savez(tmp, ids=np.array(ids), images=dec.images, masks=dec.masks, boundaries=dec.boundaries)
     return dec
 
 
