@@ -36,10 +36,15 @@ def one_run(args, recipe: str, seed: int) -> dict:
     done = (out / "last.pt").is_file() and read_checkpoint(out / "last.pt")["epoch"] >= args.epochs
     if not done:
         run(cfg, resume=(out / "last.pt").is_file())
-    result_file = out / "test.json"
+    return test_scores(out / "best.pt", out / "test.json", args.data_root)
+
+
+def test_scores(checkpoint: Path, result_file: Path, data_root) -> dict:
+    """Per-image mDice of ``checkpoint`` on both PraNet test lists (256x256) and its best validation mDice,
+    cached in ``result_file``."""
     if not result_file.is_file():
-        model, contract, ckpt = load_model(out / "best.pt")
-        root = resolve_data_root(args.data_root)
+        model, contract, ckpt = load_model(checkpoint)
+        root = resolve_data_root(data_root)
         scores = {s: evaluate_split(torch_logits_fn(model), contract, root, read_split(s, root), native=False)["mdice"]
                   for s in TESTS}
         scores["val"] = ckpt["best_mdice"]
@@ -62,13 +67,21 @@ def main() -> None:
     args = ap.parse_args()
 
     results = {r: [one_run(args, r, s) for s in args.seeds] for r in args.recipes}
-    teacher = read_checkpoint(args.teacher)["model"]
-    lines = [f"Student {args.student}, teacher {teacher}, {args.epochs} epochs, seeds {args.seeds}, "
-             "per-image mDice (mean +/- std over seeds)", "",
-             "| recipe | val | " + " | ".join(TESTS) + " |", "| --- | ---: | " + " | ".join("---:" for _ in TESTS) + " |"]
+    teacher_ckpt = read_checkpoint(args.teacher)
+    teacher = test_scores(Path(args.teacher), Path(args.out) / "teacher-test.json", args.data_root)
+    lines = [f"Student {args.student}, {args.epochs} epochs per run, seeds {args.seeds}; teacher "
+             f"{teacher_ckpt['model']} (epoch {teacher_ckpt['epoch']}). Per-image mDice at 256x256, mean +/- std "
+             "over seeds; Δ = mean difference to the student alone (none).", "",
+             "| recipe | val | " + " | ".join(TESTS) + " | Δ " + " | Δ ".join(TESTS) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in TESTS * 2) + " |"]
+    base = results.get("none")
     for recipe, runs in results.items():
         cells = [f"{np.mean([r[k] for r in runs]):.4f} +/- {np.std([r[k] for r in runs]):.4f}" for k in ("val", *TESTS)]
+        cells += [f"{np.mean([r[k] for r in runs]) - np.mean([r[k] for r in base]):+.4f}" if base else "n/a"
+                  for k in TESTS]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    lines.append(f"| teacher | {teacher['val']:.4f} | " + " | ".join(f"{teacher[k]:.4f}" for k in TESTS)
+                 + " |" + " |" * len(TESTS))
     table = "\n".join(lines)
     print(table)
     Path(args.out, "ablation.md").write_text(table + "\n")
