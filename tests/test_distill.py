@@ -131,12 +131,19 @@ def test_distilled_checkpoint_is_a_plain_student_and_resume_keeps_stage_and_ema(
     assert straight["train_state"]["objective"]["ema"] is not None
     onnx = pytest.importorskip("onnx")
     # the deployed artefact too: the distilled student's ONNX holds exactly the plain student's weights
+    with torch.no_grad():  # an untrained init's ones and zeros could be simplified away; trained weights are not
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
     plain_ckpt = save_atomic(make_checkpoint(plain, InputContract(size=SIZE)), tmp_path / "plain.pt")
     onnx_params = {}
     for name, ckpt in (("distilled", tmp_path / "straight" / "best.pt"), ("plain", plain_ckpt)):
-        export(ckpt, "onnx", tmp_path / f"art-{name}", parity_split=str(tiny_split), data_root=data_root)
-        graph = onnx.load(str(tmp_path / f"art-{name}" / "model.onnx")).graph
-        onnx_params[name] = sum(int(np.prod(i.dims)) for i in graph.initializer)
+        # a 3-epoch student's logits sit near 0, so its fp32 parity may flip a few pixels: weights are what count here
+        folder = export(ckpt, "onnx", tmp_path / f"art-{name}", parity_split=str(tiny_split), data_root=data_root,
+                        max_delta=0.999).path
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+        # counted per use: the simplifier merges initializers whose values happen to be equal
+        onnx_params[name] = sum(sizes.get(i, 0) for node in graph.node for i in node.input)
     assert onnx_params["distilled"] == onnx_params["plain"] > 0
 
     real_epoch = train_mod._train_epoch
