@@ -49,7 +49,7 @@ import numpy as np
 
 from edgeseg.errors import EdgesegError
 from edgeseg.export.tensorrt_engine import (BUILDER_FLAGS, ENGINE, GOLDEN_INPUT, GOLDEN_OUTPUT, GOLDEN_TOLERANCE, INPUT,
-                                          MAX_BATCH, OUTPUT, SIDECAR, read_artefact_config)
+                                          MAX_BATCH, OUTPUT, SIDECAR, engine_runner, read_artefact_config)
 
 
 # The ops :func:`to_fp16` knows how to convert (every op of the edgeseg model zoo, and common neighbours).
@@ -371,8 +371,6 @@ def load_runner(path: Path, target, device: str | None = None, threads: int | No
     config = read_artefact_config(folder)
     onnx_path = folder / config["artefact"]
     if device in (None, "GPU"):
-        from edgeseg.export.tensorrt_engine import engine_runner
-
         return engine_runner(folder, config)
     if device != "CPU":
         raise EdgesegError(f"tensorrt-jetson runs on the Jetson's GPU (device GPU) or as a CPU check (device "

@@ -9,8 +9,8 @@ parses model.onnx with TensorRT's OnnxParser, builds ``model.engine`` (FP16 flag
 the QDQ graph, explicit quantization, its float parts in fp32 as in the CPU check; TF32 off for fp32) with a
 batch 1..8 optimization profile, writes the sidecar ``model.engine.json`` (TensorRT, CUDA, L4T/JetPack, GPU, compute capability, precision, sha256 of the ONNX and
 of the engine; the plan file itself is TensorRT's bytes only), then runs the golden input and reports PASS/FAIL.
-The runner (:func:`engine_runner`; ``edgeseg.export.load_runner`` with device None or "GPU") refuses an engine whose sidecar does not match the
-running TensorRT version and compute capability, or the model.onnx beside it.
+The runner (:func:`engine_runner`; ``edgeseg.export.load_runner`` with device None or "GPU") refuses an engine
+whose sidecar does not match the running TensorRT version and compute capability, or the model.onnx beside it.
 
 The TensorRT/CUDA code paths cannot run on the export machine and are not covered by its tests.
 """
