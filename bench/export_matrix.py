@@ -77,7 +77,8 @@ def matrix_rows(label: str, ckpt: Path | None, out: Path, runs: int, data_root) 
     """Every target x precision of ``ckpt``, exported afresh under ``out/label`` and timed on 1 thread."""
     import shutil
 
-    from edgeseg.checkpoint import DEFAULT_MODEL, file_sha256
+    from edgeseg.checkpoint import DEFAULT_MODEL
+    from edgeseg.fileio import file_sha256
 
     shutil.rmtree(out / label, ignore_errors=True)  # export times are measured, never reused
     sha = file_sha256(ckpt if ckpt is not None else DEFAULT_MODEL)

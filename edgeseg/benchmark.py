@@ -80,7 +80,8 @@ def _artefact_facts(folder: Path, parity: dict) -> dict:
 def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
                   runs: int = 200, warmup: int = 20, threads: int | None = None) -> list[dict]:
     """Benchmark ``checkpoint`` on ``targets`` (None: all). Returns the rows; writes the table and plots."""
-    from edgeseg.checkpoint import DEFAULT_MODEL, file_sha256
+    from edgeseg.checkpoint import DEFAULT_MODEL
+    from edgeseg.fileio import file_sha256
     from edgeseg.targets import get_target, list_targets
 
     chosen = list_targets() if not targets or targets == ["all"] else [get_target(t) for t in targets]

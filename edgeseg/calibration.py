@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
-from edgeseg.fileio import write_atomic
+from edgeseg.fileio import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def images_hash(ids, shas) -> str:
 
 def _sha256(path: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError as e:
         raise EdgesegError(f"cannot read calibration image {path}: {e.strerror}") from None
 

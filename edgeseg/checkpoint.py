@@ -8,7 +8,6 @@ A checkpoint is a plain dict of tensors and primitives:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import subprocess
@@ -110,6 +109,3 @@ def load_model(path: str | os.PathLike | None = None, expect_model: str | None =
 def _key_mismatch(expected: dict, got: dict) -> tuple[list[str], list[str]]:
     return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

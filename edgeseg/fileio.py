@@ -1,8 +1,9 @@
-"""Atomic file writes (no torch): a temp file in the target folder, then a rename, so a reader never sees a
-half-written file and a failed write leaves the earlier file in place."""
+"""File helpers (no torch): atomic writes (a temp file in the target folder, then a rename, so a reader never
+sees a half-written file and a failed write leaves the earlier file in place) and file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +40,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from edgeseg.checkpoint import file_sha256, load_model, make_checkpoint, read_checkpoint, save_atomic
+from edgeseg.checkpoint import load_model, make_checkpoint, read_checkpoint, save_atomic
 from edgeseg.config import TrainConfig, config_differences
 from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root, split_hash
 from edgeseg.errors import EdgesegError
-from edgeseg.fileio import atomic_path
+from edgeseg.fileio import atomic_path, file_sha256
 from edgeseg.losses import SegLoss
 from edgeseg.metrics import SegMetrics
 from edgeseg.models import create_model

@@ -90,7 +90,7 @@ def test_vectorised_dice_matches_metrics():
 def test_onnx_export_parity_and_metadata(cli, authors_ckpt, data_root, parity16, tmp_path):
     import onnx
 
-    from edgeseg.checkpoint import file_sha256
+    from edgeseg.fileio import file_sha256
     from edgeseg.export import load_runner
 
     out = tmp_path / "art"

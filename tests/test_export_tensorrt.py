@@ -16,6 +16,7 @@ import pytest
 
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import MAX_DELTA
+from edgeseg.fileio import file_sha256
 from _helpers import one_line_error, run_main
 
 onnx = pytest.importorskip("onnx")
@@ -190,8 +191,8 @@ def test_engine_runner_refuses_a_mismatched_sidecar(cli, exported, monkeypatch, 
     monkeypatch.setattr(trt_engine, "running_versions", lambda trt=None, cudart=None: dict(running))
     one_line_error(*cli("profile", work)[::2], "no model.engine + model.engine.json yet", "edgeseg build-engine")
     sidecar = {"format": trt_engine.SIDECAR_FORMAT, "tensorrt": "8.6.2", "compute_capability": "8.7",
-               "onnx_sha256": trt_engine._sha256(work / "model.onnx"),
-               "engine_sha256": trt_engine._sha256(work / "model.engine")}
+               "onnx_sha256": file_sha256(work / "model.onnx"),
+               "engine_sha256": file_sha256(work / "model.engine")}
     (work / "model.engine.json").write_text(json.dumps(sidecar))
     one_line_error(*cli("profile", work)[::2], "built with TensorRT 8.6.2 for compute capability 8.7",
                    "runs TensorRT 10.3.0 with compute capability 8.7", "rebuild")

@@ -128,9 +128,10 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
         ParityFailure: the artefact missed its budget; it was kept as ``<out>.rejected``.
     """
     from edgeseg.calibration import check_manifest, read_manifest
-    from edgeseg.checkpoint import DEFAULT_MODEL, file_sha256, load_model
+    from edgeseg.checkpoint import DEFAULT_MODEL, load_model
     from edgeseg.data.splits import resolve_data_root
     from edgeseg.export.parity import budget, resolve_parity_ids
+    from edgeseg.fileio import file_sha256
 
     target = get_target(target_id)
     precision = target.resolve_precision(precision)
@@ -298,16 +299,18 @@ def _config(target, precision, artefact, ckpt, contract, provenance, manifest, p
     }
 
 
-def _versions(target: Target) -> dict[str, str]:
+def installed_version(dist: str, missing: str = "not installed") -> str:
+    """The installed version of distribution ``dist``, or ``missing``."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for pkg in ("torch", *target.runtime.packages):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return missing
+
+
+def _versions(target: Target) -> dict[str, str]:
+    return {pkg: installed_version(pkg) for pkg in ("torch", *target.runtime.packages)}
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.errors import EdgesegError
-from edgeseg.fileio import write_atomic
+from edgeseg.fileio import file_sha256, write_atomic
 
 INPUT, OUTPUT = "input", "logits"
 ENGINE, SIDECAR = "model.engine", "model.engine.json"
@@ -156,10 +156,6 @@ def check_engine_sidecar(sidecar: dict, running: dict, *, onnx_sha256: str | Non
                            "rebuild it with `edgeseg build-engine`")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build_engine(artefact: str | os.PathLike, timing_cache: str | os.PathLike | None = None,
                  workspace_mb: int | None = None) -> dict:
     """Build model.engine + model.engine.json from a tensorrt-jetson artefact on this (Jetson) device, then run
@@ -222,7 +218,7 @@ def build_engine(artefact: str | os.PathLike, timing_cache: str | os.PathLike | 
         "workspace_mb": workspace_mb, "timing_cache": cache_path.name if cache_path else None,
         "profile": {"input": {"min": [1, 3, size, size], "opt": [1, 3, size, size],
                               "max": [MAX_BATCH, 3, size, size]}},
-        "onnx": onnx_path.name, "onnx_sha256": _sha256(onnx_path),
+        "onnx": onnx_path.name, "onnx_sha256": file_sha256(onnx_path),
         "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
         "build_s": round(build_s, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -267,7 +263,7 @@ def engine_runner(folder: Path, config: dict, trt=None, cudart=None):
                            f"`edgeseg build-engine {folder}`")
     engine_bytes = engine_path.read_bytes()
     check_engine_sidecar(json.loads(sidecar_path.read_text()), running_versions(trt, cudart),
-                         onnx_sha256=_sha256(folder / config["artefact"]),
+                         onnx_sha256=file_sha256(folder / config["artefact"]),
                          engine_sha256=hashlib.sha256(engine_bytes).hexdigest(), engine=str(engine_path))
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)

@@ -63,6 +63,7 @@ from typing import Callable
 import numpy as np
 
 from edgeseg.errors import EdgesegError
+from edgeseg.export import installed_version
 
 __all__ = [
     "LITERT_PINS", "RUNTIME_PIN", "INT8_FLOAT_OPS", "torch_to_tflite",
@@ -402,19 +403,10 @@ def load_runner(path: str | os.PathLike, target=None, device: str | None = None,
     run.to_model_input, run.invoke_raw, run.from_model_output = to_model_input, invoke_raw, from_model_output
     run.input_details, run.output_details = inp, out
     module = cls.__module__.split(".")[0]  # ai_edge_litert, or tflite_runtime on a device that has only that
-    run.effective = {"runtime": module, module: _dist_version(module.replace("_", "-")), "threads": int(threads),
-                     "kernels": kernels, "input_dtype": np.dtype(inp["dtype"]).name,
+    run.effective = {"runtime": module, module: installed_version(module.replace("_", "-"), "unknown"),
+                     "threads": int(threads), "kernels": kernels, "input_dtype": np.dtype(inp["dtype"]).name,
                      "output_dtype": np.dtype(out["dtype"]).name}
     return run
-
-
-def _dist_version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def compare_to_torch(model, runner: Callable[[np.ndarray], np.ndarray], frames: np.ndarray) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from edgeseg.checkpoint import file_sha256, make_checkpoint, save_atomic
+from edgeseg.checkpoint import make_checkpoint, save_atomic
+from edgeseg.fileio import file_sha256
 from edgeseg.contract import InputContract
 from edgeseg.errors import EdgesegError
 from edgeseg.models._registry import create_model
