@@ -34,7 +34,7 @@ from torch import nn
 
 from edgeseg.export._prepare import fold_bn_into_following_conv, fold_bn_into_preceding_conv
 
-__all__ = ["prepare_for_tflite", "NHWCInput"]
+__all__ = ["prepare_for_tflite", "group_scales", "NHWCInput"]
 
 
 class GroupNormExport(nn.Module):
@@ -84,8 +84,13 @@ class GroupNormExport(nn.Module):
         return x * a + (self.bias - mu * a)
 
 
-def _group_scales(model: nn.Module, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per GroupNorm: 1 / (RMS over ``frames`` of each group's standard deviation)."""
+def group_scales(model: nn.Module, frames: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per GroupNorm (by module name): 1 / (RMS over ``frames`` (N, 3, S, S) of each group's standard
+    deviation), computed in the model's dtype. Give it a float64 copy: float32 convs and reductions round
+    differently with the torch thread count, and the scales then differ in their last bits, which moves
+    int8 ranges and a few hundred int8 outputs (measured: 4 of the 108K's 16 scale buffers at 1 vs 2
+    threads). In float64 the same inputs give the same float32 scales."""
+    dt = next(model.parameters()).dtype
     stats: dict[str, list[torch.Tensor]] = {}
     hooks = []
 
@@ -99,8 +104,8 @@ def _group_scales(model: nn.Module, frames: torch.Tensor) -> dict[str, torch.Ten
             hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name)))
     try:
         with torch.no_grad():
-            for batch in frames.split(8):
-                model(batch)
+            for i in range(0, len(frames), 8):
+                model(torch.as_tensor(np.asarray(frames[i:i + 8])).to(dt))
     finally:
         for h in hooks:
             h.remove()
@@ -295,20 +300,18 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def prepare_for_tflite(model: nn.Module, size: int, calib: np.ndarray | torch.Tensor | None = None) -> nn.Module:
+def prepare_for_tflite(model: nn.Module, size: int, scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Export-only inference copy of ``model`` (eval, fixed ``size``), mathematically identical to it, with
-    the rewrites listed in the module docstring. The original model is not touched. With ``calib`` frames
-    (N, 3, S, S) the GroupNorms also get their int8-friendly group scales (see :class:`GroupNormExport`)."""
+    the rewrites listed in the module docstring. The original model is not touched. With ``scales`` (from
+    :func:`group_scales`) the GroupNorms also get their int8-friendly group scales (see
+    :class:`GroupNormExport`)."""
     from edgeseg.models.microaunet import DWDConv, LSCAB
     from edgeseg.models.ultraseg import GSB, AdaptiveMerge, ChannelLayerNorm, Down, GateHead, RegionHead
 
     m = copy.deepcopy(model).eval()
     _fold_two_logit_head(m)
     gsb_sizes = _gsb_sizes(m, size)
-    scales = {}
-    if calib is not None:
-        dt = next(m.parameters()).dtype
-        scales = _group_scales(m, torch.as_tensor(np.asarray(calib)).to(dt))
+    scales = scales or {}
     for name, mod in list(m.named_modules()):
         if not name:
             continue

@@ -16,17 +16,20 @@ Pipeline (:func:`torch_to_tflite`):
    the converter's layout pass cancels) is saved as a ``.pt2`` program and converted by
    ``_litert_worker.py``: litert-torch 0.10.0 for fp32; ai-edge-quantizer ``FLOAT_CASTING`` (fp16 weights,
    fp32 compute) for fp16; ai-edge-quantizer ``static_wi8_ai8`` for int8: per-channel symmetric int8
-   weights, per-tensor int8 activations everywhere, int8 model input (scale exactly 1/255, zero point
-   -128 under the default contract: int8 value = uint8 pixel - 128) and int8 output. Activation ranges are
-   the 10th/90th percentiles of per-frame minima/maxima over the calibration frames (the quantizer's own
-   moving average under-covers: 98.5 % vs 99.4 % mask agreement on UltraSeg-130K). Only ops without an
-   int8 kernel in a supported runtime would stay float (``INT8_FLOAT_OPS``; none remain after the
-   rewrites); the report lists every float island by op and tensor name.
+   weights, per-tensor int8 activations, int8 model input (scale exactly 1/255, zero point -128 under the
+   default contract: int8 value = uint8 pixel - 128) and int8 output. Activation ranges are the 10th/90th
+   percentiles of per-frame minima/maxima over the calibration frames (the quantizer's own moving average
+   under-covers: 98.5 % vs 99.4 % mask agreement on UltraSeg-130K). The GroupNorm statistics
+   (``INT16_SCOPES``) are integer too but 16x8: int16 activations with plain min/max ranges, int8 weights,
+   and their rsqrt stays int8 (TFLite's int16 RSQRT is not bit-exact between x86 and aarch64); all-int8
+   there cost 1.6 points of mDice on the shipped model. Only ops without an int8 kernel in a supported
+   runtime would stay float (``INT8_FLOAT_OPS``; none remain after the rewrites); the report lists every
+   float and int16 island by op and tensor name.
 
-Measured on the authors' UltraSeg-130K (32 pranet-train frames; int8 calibrated on 48 others): fp32 100 %
-mask agreement, max |logit diff| 1.9e-4; fp16 99.994 %, 0.11; full int8 99.41 %, 14 (mean 0.7). Full int8
-costs Dice: Kvasir test 0.882 -> 0.856, CVC-ClinicDB test 0.856 -> 0.809; ``float_norms=True`` (norm
-internals float: not full-integer) gives 0.880 / 0.849.
+Measured on the authors' UltraSeg-130K (32 pranet-train frames; int8 calibrated on 48 others), before the
+int16 GroupNorm statistics: fp32 100 % mask agreement, max |logit diff| 1.9e-4; fp16 99.994 %, 0.11; all
+int8 99.41 %, 14 (mean 0.7), Kvasir test mDice 0.882 -> 0.856, CVC-ClinicDB test 0.856 -> 0.809;
+``float_norms=True`` (norm internals float: not full-integer) 0.880 / 0.849.
 
 Environment decision (measured 2026-11 against this project's main environment):
   ``pip install litert-torch==0.10.0 ai-edge-quantizer==0.10.0`` *does* co-install with torch 2.13.0 and
@@ -66,7 +69,7 @@ from edgeseg.errors import EdgesegError
 from edgeseg.export import installed_version
 
 __all__ = [
-    "LITERT_PINS", "RUNTIME_PIN", "INT8_FLOAT_OPS", "torch_to_tflite",
+    "LITERT_PINS", "RUNTIME_PIN", "INT8_FLOAT_OPS", "INT16_SCOPES", "torch_to_tflite",
     "inspect_tflite", "load_runner", "export", "setup_litert_env", "litert_python", "compare_to_torch",
 ]
 
@@ -79,6 +82,10 @@ INT8_FLOAT_OPS: tuple[str, ...] = ("DIV", "SQRT")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Tensor-name regex of the norm internals, kept float with ``float_norms=True``.
 FLOAT_NORM_SCOPE = ".*(GroupNormExport|ChannelLayerNormExport).*"
+# Tensor-name regexes computed with int16 activations (16x8: int8 weights) in the int8 model: the
+# GroupNorm statistics, whose int8 rounding is where full int8 lost its Dice (shipped UltraSeg-108K, 100
+# parity frames: all int8 +0.0159; GroupNorm float +0.0034; GroupNorm int16 with these ranges +0.0007).
+INT16_SCOPES: tuple[str, ...] = (".*GroupNormExport.*",)
 # int8 activation ranges: this percentile of the per-calibration-frame maxima (and 100 - it of the minima).
 RANGE_PERCENTILE = 90.0
 WORKER = Path(__file__).with_name("_litert_worker.py")
@@ -193,14 +200,13 @@ def torch_to_tflite(model, contract, out_path: str | os.PathLike, precision: str
     in torch (defaults to two ``calib`` frames, else random): in float64 it must agree to rounding (1e-9
     relative), and the float32 max abs difference is reported.
 
-    ``float_norms`` (int8 only, off by default): keep the GroupNorm / channel-LayerNorm internals in float
-    (float islands, listed in the report). Not a full-integer model any more, but on the authors'
-    UltraSeg-130K it recovers most of full int8's Dice loss (Kvasir 0.882 -> 0.856 full int8, 0.880 with
-    float norms; CVC-ClinicDB 0.856 -> 0.809 / 0.849).
+    ``float_norms`` (int8 only, off by default, a diagnosis aid): keep the GroupNorm / channel-LayerNorm
+    internals in float (float islands, listed in the report) instead of int16 / int8. Not a full-integer
+    model any more.
     """
     import torch
 
-    from edgeseg.export._tflite_rewrites import NHWCInput, prepare_for_tflite
+    from edgeseg.export._tflite_rewrites import NHWCInput, group_scales, prepare_for_tflite
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -217,15 +223,16 @@ def torch_to_tflite(model, contract, out_path: str | os.PathLike, precision: str
     probe = torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32))
     # The rewrite must be the same maths: compare in float64 (constants folded in float64 too), where
     # only rounding remains, then report the float32 difference that the converter starts from.
-    scale_frames = calib if precision == "int8" else None  # int8-only group equalisation (same maths)
     model64 = copy.deepcopy(model).double()
+    # int8-only group equalisation (same maths), from float64 statistics: reproducible on any thread count
+    scales = group_scales(model64, calib) if precision == "int8" else None
     with torch.no_grad():
         ref64 = model64(probe.double())
-        diff64 = float((prepare_for_tflite(model64, size, scale_frames)(probe.double()) - ref64).abs().max())
+        diff64 = float((prepare_for_tflite(model64, size, scales)(probe.double()) - ref64).abs().max())
     del model64
     if not diff64 <= 1e-9 * max(1.0, float(ref64.abs().max())):
         raise RuntimeError(f"export-only rewrite is not equivalent to the model (float64 max abs diff {diff64:.3g})")
-    prepared = prepare_for_tflite(model, size, scale_frames)
+    prepared = prepare_for_tflite(model, size, scales)
     with torch.no_grad():
         diff32 = float((prepared(probe) - model(probe)).abs().max())
     example = torch.zeros(1, size, size, 3)
@@ -238,7 +245,8 @@ def torch_to_tflite(model, contract, out_path: str | os.PathLike, precision: str
         job = {"program": str(tmp / "model.pt2"), "out": str(out_path.resolve()), "precision": precision,
                "input_shape": [1, size, size, 3], "calib": None, "float_ops": list(INT8_FLOAT_OPS),
                "input_range": _input_range(contract), "range_percentile": RANGE_PERCENTILE,
-               "float_scopes": [FLOAT_NORM_SCOPE] if (float_norms and precision == "int8") else []}
+               "float_scopes": [FLOAT_NORM_SCOPE] if (float_norms and precision == "int8") else [],
+               "int16_scopes": list(INT16_SCOPES) if (precision == "int8" and not float_norms) else []}
         if calib is not None and precision == "int8":
             np.save(tmp / "calib.npy", np.ascontiguousarray(np.asarray(calib, np.float32).transpose(0, 2, 3, 1)))
             job["calib"] = str(tmp / "calib.npy")
@@ -266,7 +274,7 @@ def _schema():
 
 def inspect_tflite(path: str | os.PathLike) -> dict:
     """Static report of a .tflite: op counts, TRANSPOSE count, I/O dtypes and quantisation, conv weight
-    dtypes, and the float islands (float compute ops) of a quantised model."""
+    dtypes, and the float and int16 islands (compute ops with float / int16 outputs) of a quantised model."""
     schema = _schema()
     buf = Path(path).read_bytes()
     model = schema.ModelT.InitFromPackedBuf(buf, 0)
@@ -295,6 +303,7 @@ def inspect_tflite(path: str | os.PathLike) -> dict:
     quantised = any(dtypes[t.type] in ("INT8", "UINT8", "INT16") for t in g.tensors)
     weight_dtypes: Counter = Counter()
     float_islands = []
+    int16_islands = []
     for op, name in zip(g.operators, ops):
         if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"):
             weight_dtypes[f"{name}:{dtypes[g.tensors[op.inputs[1]].type].lower()}"] += 1
@@ -303,6 +312,8 @@ def inspect_tflite(path: str | os.PathLike) -> dict:
         outs = [g.tensors[i] for i in op.outputs if i >= 0]
         if outs and all(dtypes[t.type] == "FLOAT32" for t in outs):
             float_islands.append({"op": name, "output": tname(outs[0])})
+        if outs and all(dtypes[t.type] == "INT16" for t in outs):
+            int16_islands.append({"op": name, "output": tname(outs[0])})
     return {
         "ops": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         "n_ops": len(ops),
@@ -313,6 +324,8 @@ def inspect_tflite(path: str | os.PathLike) -> dict:
         "quantized": bool(quantised),
         "float_islands": float_islands if quantised else [],
         "float_island_ops": dict(Counter(f["op"] for f in float_islands)) if quantised else {},
+        "int16_islands": int16_islands,
+        "int16_island_ops": dict(Counter(f["op"] for f in int16_islands)),
     }
 
 
@@ -437,7 +450,8 @@ def export(source, request, out_dir: str | os.PathLike) -> tuple[Path, dict]:
     except ImportError as e:
         raise EdgesegError(str(e)) from None
     report = torch_to_tflite(source.model, source.contract, path, request.precision, request.calib)
-    info = {k: v for k, v in report.items() if k not in ("path", "float_islands")}
-    info["float_islands"] = [f"{f['op']}:{f['output']}" for f in report["float_islands"]]
+    info = {k: v for k, v in report.items() if k != "path"}
+    for key in ("float_islands", "int16_islands"):
+        info[key] = [f"{f['op']}:{f['output']}" for f in report[key]]
     info["layout"] = "NHWC"
     return path, info
