@@ -2,7 +2,8 @@
 (mDice, delta), TRANSPOSE count (tflite), and single-thread latency on this machine, plus what export-time
 folding buys (PyTorch eager and ONNX Runtime latency before/after), all measured in this one run.
 
-    python bench/export_matrix.py [--models ultraseg-108k ultraseg-130k microaunet] [--out bench-out/matrix]
+    python bench/export_matrix.py [--models ultraseg-108k ultraseg-130k microaunet] [--targets T ...]
+                                  [--out bench-out/matrix]
 
 Checkpoints: ``ultraseg-108k`` is the shipped model; ``ultraseg-130k`` the UltraSeg authors' released
 weights (imported from ../shared/weights); ``microaunet`` has no trained checkpoint in this repository, so it
@@ -73,17 +74,22 @@ def folding(ckpt: Path | None, work: Path, runs: int) -> dict:
     return out
 
 
-def matrix_rows(label: str, ckpt: Path | None, out: Path, runs: int, data_root) -> list[dict]:
-    """Every target x precision of ``ckpt``, exported afresh under ``out/label`` and timed on 1 thread."""
+def matrix_rows(label: str, ckpt: Path | None, out: Path, runs: int, data_root, targets: list) -> list[dict]:
+    """Every precision of ``targets`` for ``ckpt``, exported afresh under ``out/label`` and timed on 1 thread."""
     import shutil
 
     from edgeseg.checkpoint import DEFAULT_MODEL
     from edgeseg.fileio import file_sha256
 
-    shutil.rmtree(out / label, ignore_errors=True)  # export times are measured, never reused
     sha = file_sha256(ckpt if ckpt is not None else DEFAULT_MODEL)
-    return [{"model": label, **benchmark_row(ckpt, sha, t, p, out / label, DEFAULT_CALIB, data_root, runs, 20, 1)}
-            for t in list_targets() for p in t.precisions]
+    rows = []
+    for t in targets:
+        for p in t.precisions:
+            for folder in (f"{t.id}-{p}", f"{t.id}-{p}.rejected"):  # export times are measured, never reused
+                shutil.rmtree(out / label / folder, ignore_errors=True)
+            rows.append({"model": label, **benchmark_row(ckpt, sha, t, p, out / label, DEFAULT_CALIB, data_root,
+                                                         runs, 20, 1)})
+    return rows
 
 
 def _cell(v, fmt="{:.4f}") -> str:
@@ -96,8 +102,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/matrix"))
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--core", type=int, default=0)
+    ap.add_argument("--targets", nargs="+", default=None, help="target ids (default: all)")
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args()
+    targets = [t for t in list_targets() if args.targets is None or t.id in args.targets]
+    unknown = sorted(set(args.targets or ()) - {t.id for t in targets})
+    if unknown:
+        ap.error(f"unknown target(s) {unknown}; known: {[t.id for t in list_targets()]}")
 
     pin_to_core(args.core)
     torch.set_num_threads(1)
@@ -111,9 +122,10 @@ def main() -> None:
                 eager = time_runner(lambda: model(x), 20, args.runs).stats.p50_ms
             results.append({"model": label, "note": note, "eager_ms": eager,
                             "folding": folding(ckpt, Path(tmp), args.runs),
-                            "rows": matrix_rows(label, ckpt, args.out, args.runs, args.data_root)})
+                            "rows": matrix_rows(label, ckpt, args.out, args.runs, args.data_root, targets)})
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "matrix.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "matrix.json" if args.targets is None else f"matrix-{'-'.join(t.id for t in targets)}.json"
+    (args.out / name).write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"one pinned core ({args.core}), 1 thread, p50 of {args.runs} runs; parity on the default parity split")
     print("| model | target | precision | status | export s | size KiB | mDice | delta | TRANSPOSE | p50 ms "
