@@ -26,10 +26,11 @@ import torch
 from edgeseg.benchmark import DEFAULT_CALIB, benchmark_row
 from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic
 from edgeseg.contract import InputContract
+from edgeseg.errors import EdgesegError
 from edgeseg.export._prepare import LogitsOnly, prepare_for_inference
 from edgeseg.export.onnx import torch_to_onnx
 from edgeseg.profiling import pin_to_core, time_runner
-from edgeseg.targets import list_targets
+from edgeseg.targets import get_target, list_targets
 
 AUTHORS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "ultraseg-130k-authors.pth"
 
@@ -105,10 +106,10 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=None, help="target ids (default: all)")
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args()
-    targets = [t for t in list_targets() if args.targets is None or t.id in args.targets]
-    unknown = sorted(set(args.targets or ()) - {t.id for t in targets})
-    if unknown:
-        ap.error(f"unknown target(s) {unknown}; known: {[t.id for t in list_targets()]}")
+    try:
+        targets = list_targets() if args.targets is None else [get_target(t) for t in args.targets]
+    except EdgesegError as e:
+        ap.error(str(e))
 
     pin_to_core(args.core)
     torch.set_num_threads(1)
