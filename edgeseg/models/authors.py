@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from edgeseg.checkpoint import make_checkpoint, save_atomic
-from edgeseg.fileio import file_sha256
 from edgeseg.contract import InputContract
 from edgeseg.errors import EdgesegError
+from edgeseg.fileio import file_sha256
 from edgeseg.models._registry import create_model
 
 # released prefix -> our prefix (UltraSeg-130K, SPEC-models §5).
