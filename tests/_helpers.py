@@ -26,3 +26,19 @@ def run_main(*args) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = argv
+
+
+def check_f16_runtime(runtime: dict) -> None:
+    """A parity record of an fp16 deployment computed in f16: native f16 where this CPU has it, else the exact
+    f16 emulation; never OpenVINO's bf16 substitute."""
+    from edgeseg.export.f16 import cpu_has_f16
+
+    assert runtime["compute"] == "f16", runtime
+    precisions = runtime["op_runtime_precisions"]
+    assert "bf16" not in precisions, runtime
+    if cpu_has_f16():
+        assert runtime["f16"] == "native" and runtime["INFERENCE_PRECISION_HINT"] == "f16", runtime
+        assert precisions["f16"] > 10 * precisions.get("f32", 0), runtime
+    else:
+        assert runtime["f16"] == "emulated" and runtime["INFERENCE_PRECISION_HINT"] == "f32", runtime
+        assert runtime["rounded_tensors"] > 100 and "rounded to the nearest float16" in runtime["emulation"], runtime

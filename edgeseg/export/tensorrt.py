@@ -23,12 +23,11 @@ checks, the golden tolerance per precision, the ONNX ops missing from the Tensor
 runtime checked parity.
 
 Parity here is a CPU check of the exported ONNX, never a TensorRT measurement: fp32 and int8 run on ONNX
-Runtime's CPU provider (it executes the QDQ graph with int8 kernels); fp16 runs on OpenVINO's CPU plugin with
-``INFERENCE_PRECISION_HINT=f16``, which computes the convolutions, reductions and normalizations in f16 on CPUs
-with AVX512-FP16/AMX-FP16 (the op precisions it really used go into parity.json). ONNX Runtime is not used for
-fp16 parity where OpenVINO can compute in f16: ONNX Runtime's CPU provider has no fp16 Conv/InstanceNormalization
-kernels and silently wraps those nodes in Casts to float32. On a CPU without native f16 the fp16 check falls back
-to it, with a warning, and config.json/parity.json say so.
+Runtime's CPU provider (it executes the QDQ graph with int8 kernels); fp16 runs in f16 on OpenVINO's CPU plugin
+(:mod:`edgeseg.export.f16`): natively where the CPU computes f16 (AVX512-FP16/AMX-FP16), elsewhere with every
+tensor rounded exactly to float16 (an ``f16`` hint would run as bf16 there); parity.json records which, and the
+op precisions. ONNX Runtime is not used for fp16 parity: its CPU provider has no fp16 Conv/InstanceNormalization
+kernels and silently wraps those nodes in Casts to float32.
 
 The engine side (``edgeseg build-engine`` and the GPU runner) lives in :mod:`edgeseg.export.tensorrt_engine`;
 :func:`load_runner` hands device None or "GPU" to it.
@@ -84,8 +83,6 @@ TRT_PARSER_OPS = frozenset({
     "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor",
 })
 
-log = logging.getLogger(__name__)
-
 
 # --- export (this machine) ---------------------------------------------------------------------------------
 
@@ -110,8 +107,7 @@ def export(source, request, out_dir: Path) -> tuple[Path, dict]:
     info["lint"] = polygraphy_lint(path)
     info["golden"] = write_golden(path, request, out_dir)
     info["parity_device"] = "CPU"
-    info["parity_runtime"] = _PARITY_RUNTIME["fp16-fallback" if precision == "fp16" and not cpu_has_f16()
-                                             else precision]
+    info["parity_runtime"] = _PARITY_RUNTIME[precision]
     info["engine"] = {"built_by": "edgeseg build-engine ARTEFACT, on the Jetson", "file": ENGINE,
                       "sidecar": SIDECAR, "builder_flags": list(BUILDER_FLAGS[precision]),
                       "profile_batch": {"min": 1, "opt": 1, "max": MAX_BATCH}}
@@ -120,23 +116,11 @@ def export(source, request, out_dir: Path) -> tuple[Path, dict]:
 
 _PARITY_RUNTIME = {
     "fp32": "ONNX Runtime CPUExecutionProvider, fp32: a CPU check of model.onnx, not a TensorRT measurement",
-    "fp16": "OpenVINO CPU plugin, INFERENCE_PRECISION_HINT f16 (f16 compute): a CPU check of model.onnx, not a "
-            "TensorRT measurement",
+    "fp16": "OpenVINO CPU plugin in f16 (native f16 where the CPU has it, else exact f16 rounding of every tensor, "
+            "see edgeseg.export.f16): a CPU check of model.onnx, not a TensorRT measurement",
     "int8": "ONNX Runtime CPUExecutionProvider running the QDQ graph (int8 kernels, float glue in fp32): a CPU "
             "check of model.onnx, not a TensorRT measurement",
-    "fp16-fallback": "ONNX Runtime CPUExecutionProvider on the fp16 ONNX: fp16 weights and fp16 tensors between "
-                     "nodes, but fp32 arithmetic in Conv/normalization (no f16 CPU here; ONNX Runtime casts nodes "
-                     "without fp16 kernels): a weaker CPU check of model.onnx, not a TensorRT measurement",
 }
-
-
-def cpu_has_f16() -> bool:
-    """Whether this CPU computes f16 natively for OpenVINO (AVX512-FP16 / AMX-FP16): the fp16 parity check."""
-    try:
-        import openvino as ov
-    except ImportError:
-        return False
-    return "FP16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def to_fp16(model) -> tuple[object, dict]:
@@ -376,46 +360,17 @@ def load_runner(path: Path, target, device: str | None = None, threads: int | No
         raise EdgesegError(f"tensorrt-jetson runs on the Jetson's GPU (device GPU) or as a CPU check (device "
                            f"CPU), not on {device}")
     precision = config["precision"]
-    if precision == "fp16" and cpu_has_f16():
-        return _openvino_f16_runner(onnx_path, target, config["input_contract"]["size"], threads)
+    if precision == "fp16":
+        from edgeseg.export.f16 import f16_runner
+
+        run = f16_runner(onnx_path, threads or target.profile.threads)
+        run.effective["checks"] = "model.onnx on the CPU, not TensorRT"
+        return run
     from edgeseg.export import onnx as onnx_backend
 
-    if precision == "fp16":
-        log.warning("this CPU has no native f16: the fp16 check runs on ONNX Runtime, which computes Conv and the "
-                    "normalizations in fp32 (recorded in parity.json)")
     run = onnx_backend.load_runner(onnx_path, target, device="CPU", threads=threads)
-    compute = {"fp32": "fp32", "int8": "int8 QDQ kernels, float parts fp32",
-               "fp16": "fp16 storage, fp32 arithmetic in nodes without ONNX Runtime fp16 kernels"}[precision]
+    compute = {"fp32": "fp32", "int8": "int8 QDQ kernels, float parts fp32"}[precision]
     run.effective = {**run.effective, "device": "CPU", "checks": "model.onnx on the CPU, not TensorRT",
                      "compute": compute}
     return run
 
-
-def _openvino_f16_runner(onnx_path: Path, target, size: int, threads: int | None):
-    import openvino as ov
-
-    core = ov.Core()
-    props = {"INFERENCE_PRECISION_HINT": "f16", "INFERENCE_NUM_THREADS": threads or target.profile.threads,
-             "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
-    compiled: dict[int, object] = {}
-
-    def compile_for(batch: int):
-        # a static shape per batch size, as the OpenVINO backend does (dynamic-batch outputs were unreliable)
-        if batch not in compiled:
-            model = core.read_model(str(onnx_path))
-            model.reshape([batch, 3, size, size])
-            compiled[batch] = core.compile_model(model, "CPU", props)
-        return compiled[batch]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        model = compile_for(len(x))
-        return np.asarray(model(np.ascontiguousarray(x, np.float32))[model.outputs[0]], np.float32)
-
-    probe = compile_for(1)
-    ops = Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in probe.get_runtime_model().get_ordered_ops()
-                  if op.get_rt_info()["layerType"].astype(str) not in ("Const", "Input", "Output", "Reorder"))
-    run.effective = {"device": "CPU", "openvino": ov.get_version(), "checks": "model.onnx on the CPU, not TensorRT",
-                     "INFERENCE_PRECISION_HINT": probe.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
-                     "compute": "f16", "op_runtime_precisions": dict(sorted(ops.items())),
-                     "threads": props["INFERENCE_NUM_THREADS"]}
-    return run

@@ -359,7 +359,7 @@ def load_runner(path: str | os.PathLike, target=None, device: str | None = None,
     for raw-tensor comparisons (e.g. against :func:`edgeseg.export.aarch64.run_tflite_aarch64`).
     """
     if device not in (None, "CPU", "cpu"):
-        raise ValueError(f"the TFLite runner runs on the CPU, not {device}")
+        raise EdgesegError(f"the TFLite runner runs on the CPU, not {device}")
     if kernels not in ("xnnpack", "builtin", "reference"):
         raise ValueError(f"kernels must be xnnpack, builtin or reference, got {kernels!r}")
     if threads is None:
@@ -416,9 +416,15 @@ def load_runner(path: str | os.PathLike, target=None, device: str | None = None,
     run.to_model_input, run.invoke_raw, run.from_model_output = to_model_input, invoke_raw, from_model_output
     run.input_details, run.output_details = inp, out
     module = cls.__module__.split(".")[0]  # ai_edge_litert, or tflite_runtime on a device that has only that
+    # A float16-weight model (fp16) is computed in f32 by these kernels (its DEQUANTIZE ops expand the weights).
+    # Recorded so that parity.json says which arithmetic it checked: not f16 arithmetic, which XNNPACK may
+    # choose for such a model on an ARM core with FP16 arithmetic.
+    fp16_weights = any(np.dtype(t["dtype"]) == np.float16 for t in interp.get_tensor_details())
+    compute = ("int8" if inp["dtype"] != np.float32 else
+               "f32 arithmetic on float16 weights" if fp16_weights else "f32")
     run.effective = {"runtime": module, module: installed_version(module.replace("_", "-"), "unknown"),
                      "threads": int(threads), "kernels": kernels, "input_dtype": np.dtype(inp["dtype"]).name,
-                     "output_dtype": np.dtype(out["dtype"]).name}
+                     "output_dtype": np.dtype(out["dtype"]).name, "compute": compute}
     return run
 
 
