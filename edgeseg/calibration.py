@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +61,14 @@ def _sha256(path: Path) -> str:
 def make_manifest(split: str, root: Path, n: int = DEFAULT_N, exclude: tuple[str, ...] = (),
                   val_fraction: float = 0.1, seed: int = 42) -> dict:
     """Draw ``n`` images (seeded) from the training part of ``split`` minus every ``exclude`` split."""
+    from edgeseg.config import MAX_SEED, check_float, check_int
     from edgeseg.data.splits import carve_validation, image_path, read_split, split_hash
 
+    check_int(n, "--n", 1)
     if n < BATCH_SIZE:
         raise EdgesegError(f"--n {n} is fewer than one calibration batch ({BATCH_SIZE} images)")
+    check_float(val_fraction, "--val-fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    check_int(seed, "--seed", 0, MAX_SEED)
     ids = read_split(split, root)
     train_part, val_part = carve_validation(ids, val_fraction, seed)
     excluded = set(val_part)
@@ -101,23 +106,54 @@ def write_manifest(manifest: dict, path: str | os.PathLike) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and check a manifest: the format, then the schema of every field a reader uses (so a document with
+    the right format tag but edited contents is refused with one line, not a KeyError later)."""
     path = Path(path)
     if not path.is_file():
         raise EdgesegError(f"calibration manifest {path} does not exist; make one with `edgeseg calib make`")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgesegError(f"calibration manifest {path} is not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise EdgesegError(f"calibration manifest {path} is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise EdgesegError(f"{path} is not an edgeseg calibration manifest (made by `edgeseg calib make`)")
-    if data.get("format_version", 0) > FORMAT_VERSION:
+    version = data.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise EdgesegError(f"{path}: manifest field 'format_version' is {version!r}, not a version number; remake "
+                           "it with `edgeseg calib make`")
+    if version > FORMAT_VERSION:
         raise EdgesegError(f"{path} has manifest format {data['format_version']}, newer than this edgeseg")
-    try:
-        ids = tuple(str(e["id"]) for e in data["images"])
-        shas = tuple(str(e["sha256"]) for e in data["images"])
-    except (KeyError, TypeError):
-        raise EdgesegError(f"{path}: every entry of 'images' needs an 'id' and a 'sha256'") from None
-    return Manifest(path=path, split=str(data.get("split")), ids=ids, sha256=shas, data=data)
+    split = data.get("split")
+    if not isinstance(split, str):
+        raise EdgesegError(f"{path}: manifest field 'split' is {split!r}, not a split name; remake it with "
+                           "`edgeseg calib make`")
+    ids, shas = _image_entries(data.get("images"), path)
+    return Manifest(path=path, split=split, ids=ids, sha256=shas, data=data)
+
+
+def _image_entries(images, path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(ids, sha256s) of a manifest's 'images' list: each entry an {id, sha256} object with a data-root id
+    that stays inside the root and a 64-hex-digit hash, no id twice."""
+    from edgeseg.data.splits import check_id
+
+    if not isinstance(images, list) or not images:
+        raise EdgesegError(f"{path}: manifest field 'images' must be a non-empty list of {{id, sha256}} entries; "
+                           "remake it with `edgeseg calib make`")
+    ids, shas, seen = [], [], set()
+    for i, entry in enumerate(images):
+        where = f"{path}: images[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            raise EdgesegError(f"{where} needs an 'id' string and a 'sha256'")
+        sha = entry.get("sha256")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise EdgesegError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits")
+        sid = check_id(entry["id"], where)
+        if sid in seen:
+            raise EdgesegError(f"{where}: {sid!r} is listed more than once; remake it with `edgeseg calib make`")
+        seen.add(sid)
+        ids.append(sid)
+        shas.append(sha)
+    return tuple(ids), tuple(shas)
 
 
 def check_manifest(manifest: Manifest, root: Path, eval_ids, eval_name: str = "the parity split") -> None:

@@ -8,10 +8,10 @@ A checkpoint is a plain dict of tensors and primitives:
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
-import zipfile
 from pathlib import Path
 
 import torch
@@ -62,21 +62,91 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
 def read_checkpoint(path: str | os.PathLike | None) -> dict:
     """Load and validate a checkpoint dict; ``None`` means the shipped default model."""
     path = Path(path) if path is not None else DEFAULT_MODEL
+    if path.is_dir():
+        raise EdgesegError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise EdgesegError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgesegError(f"{path} is truncated or not a torch checkpoint ({first[:120]}); "
-                           "re-copy it or point at another file") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise EdgesegError(f"{path} holds Python objects that a checkpoint never contains; edgeseg loads "
+                               "only tensors and plain values (weights_only=True); point at an edgeseg "
+                               "checkpoint") from None
+        raise _not_a_checkpoint(path, e) from None
+    except Exception as e:  # torch.load on arbitrary bytes raises almost anything (KeyError for a text file)
+        raise _not_a_checkpoint(path, e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise EdgesegError(f"{path} is not an edgeseg checkpoint (a bare state_dict?); released weights are "
                            "converted with `edgeseg import-weights`")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+    version = ckpt.get("format_version", 0)
+    if not _is_int(version) or version < 0:
+        raise EdgesegError(f"{path}: checkpoint field 'format_version' is {version!r}, not a version number; "
+                           "the file was edited or damaged")
+    if version > FORMAT_VERSION:
         raise EdgesegError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this edgeseg "
                            f"({FORMAT_VERSION}); upgrade edgeseg")
+    check_schema(ckpt, path)
     return ckpt
+
+
+def _not_a_checkpoint(path: Path, e: Exception) -> EdgesegError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return EdgesegError(f"{path} is truncated or not a torch checkpoint ({first[:120]}); "
+                        "re-copy it or point at another file")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Every field a loader reads: name -> (check, what it must be, required). Optional fields may be absent or None
+# (training-only ones: --resume checks that they are present).
+_SCHEMA = {
+    "model": (lambda v: isinstance(v, str) and v != "", "a model name", True),
+    "model_kwargs": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of options",
+                     False),
+    "state_dict": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                         for k, t in v.items()), "a dict of named tensors", True),
+    "contract": (lambda v: isinstance(v, dict), "an input-contract dict", True),
+    "config": (lambda v: isinstance(v, dict), "a dict", False),
+    "splits": (lambda v: isinstance(v, dict), "a dict", False),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an epoch number", False),
+    "best_mdice": (_is_number, "a number", False),
+    "train_state": (lambda v: isinstance(v, dict), "a dict", False),
+}
+
+
+def check_schema(ckpt: dict, path: str | os.PathLike = "checkpoint") -> None:
+    """Refuse a checkpoint whose fields have the wrong types (right format tag, edited or foreign contents)."""
+    for key, (ok, what, required) in _SCHEMA.items():
+        if ckpt.get(key) is None:
+            if required:
+                raise EdgesegError(f"{path}: checkpoint has no {key!r} field; the file was edited or damaged")
+            continue
+        if not ok(ckpt[key]):
+            raise EdgesegError(f"{path}: checkpoint field {key!r} is not {what} ({type(ckpt[key]).__name__}); "
+                               "the file was edited or damaged")
+    c = ckpt["contract"]
+    size, mean, std = c.get("size"), c.get("mean"), c.get("std")
+    if not _is_int(size) or size < 32 or size % 32:
+        raise EdgesegError(f"{path}: contract size {size!r} is not a positive multiple of 32; the file was edited "
+                           "or damaged")
+    for name, v in (("mean", mean), ("std", std)):
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_number, v))):
+            raise EdgesegError(f"{path}: contract {name} {v!r} is not None or three numbers; the file was edited "
+                               "or damaged")
+    if (mean is None) != (std is None) or (std is not None and not all(x > 0 for x in std)):
+        raise EdgesegError(f"{path}: contract mean/std {mean!r}/{std!r} need each other and a positive std; the "
+                           "file was edited or damaged")
+    threshold, scale = c.get("threshold", 0.5), c.get("scale", 1 / 255)
+    if not (_is_number(threshold) and 0 < threshold < 1 and _is_number(scale) and scale > 0):
+        raise EdgesegError(f"{path}: contract threshold {threshold!r} / scale {scale!r} out of range; the file was "
+                           "edited or damaged")
 
 
 def build_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint", expect_model: str | None = None):
@@ -85,7 +155,11 @@ def build_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint", ex
 
     if expect_model is not None and ckpt["model"] != expect_model:
         raise EdgesegError(f"{path} holds a {ckpt['model']!r} model, not {expect_model!r}")
-    model = create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
+    try:
+        model = create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
+    except (TypeError, ValueError) as e:
+        raise EdgesegError(f"{path}: cannot build {ckpt['model']!r} with the recorded options "
+                           f"{ckpt.get('model_kwargs')} ({e}); the file was edited or damaged") from None
     missing, unexpected = _key_mismatch(model.state_dict(), ckpt["state_dict"])
     if missing or unexpected:
         raise EdgesegError(f"{path}: weights do not fit architecture {ckpt['model']!r} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from edgeseg.errors import EdgesegError
@@ -63,7 +64,7 @@ RESUMABLE_CHANGES = {"data_root", "threads", "workers", "cache_dir", "out", "com
 
 
 def build_config(recipe: str = "default", **options) -> TrainConfig:
-    """Recipe defaults, then the explicitly given (non-None) options on top."""
+    """Recipe defaults, then the explicitly given (non-None) options on top; every value is range-checked."""
     if recipe not in RECIPES:
         raise EdgesegError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     known = {f.name for f in fields(TrainConfig)}
@@ -71,7 +72,70 @@ def build_config(recipe: str = "default", **options) -> TrainConfig:
     if unknown:
         raise EdgesegError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     cfg = replace(TrainConfig(), recipe=recipe, **RECIPES[recipe])
-    return replace(cfg, **{k: v for k, v in options.items() if v is not None})
+    return check_config(replace(cfg, **{k: v for k, v in options.items() if v is not None}))
+
+
+MAX_SEED = 2**32 - 1  # numpy's SeedSequence and torch.manual_seed both take it; negatives break numpy
+
+
+def check_int(value, option: str, lo: int, hi: int | None = None, none_ok: bool = False) -> None:
+    """Refuse a non-integer (bools included) or one outside [lo, hi] with one line naming ``option``."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise EdgesegError(f"{option} must be an integer {bound}, got {value!r}")
+
+
+def check_float(value, option: str, lo: float, hi: float | None = None, lo_open: bool = False,
+                hi_open: bool = False, none_ok: bool = False) -> None:
+    """Refuse a non-number, NaN, infinity or a value outside the (half-)open range with one line."""
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open or hi is None else "]"
+        raise EdgesegError(f"{option} must be a finite number in {left}{lo}, {hi if hi is not None else 'inf'}"
+                           f"{right}, got {value!r}")
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """The one range check of a training config, for every command and for library callers of ``run``:
+    out-of-range numbers (``--size 0``, ``--batch-size 0``, ``--lr nan``, ``--threads -1``, ``--epochs 0``, a
+    validation fraction outside (0, 1), ...) are refused with one line naming the option."""
+    check_int(cfg.epochs, "--epochs", 1, 100_000)
+    check_int(cfg.batch_size, "--batch-size", 1, 4096)
+    check_int(cfg.size, "--size", 32, 4096)
+    if cfg.size % 32:
+        raise EdgesegError(f"--size must be a multiple of 32, got {cfg.size}")
+    check_float(cfg.lr, "--lr", 0.0, 10.0, lo_open=True)
+    check_float(cfg.min_lr, "min_lr", 0.0, 10.0)
+    check_float(cfg.weight_decay, "weight_decay", 0.0, 10.0)
+    check_int(cfg.cosine_period, "cosine_period", 1, 100_000, none_ok=True)
+    check_float(cfg.val_fraction, "--val-fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    check_int(cfg.seed, "--seed", 0, MAX_SEED)
+    check_int(cfg.threads, "--threads", 0, 1024)
+    check_int(cfg.workers, "--workers", 0, 256)
+    if cfg.optimizer not in ("adamw", "adam"):
+        raise EdgesegError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adam")
+    for name in ("model", "train_split", "out"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name).strip():
+            raise EdgesegError(f"--{name.replace('_', '-')} must not be empty")
+    if cfg.val_split is not None and (not isinstance(cfg.val_split, str) or not cfg.val_split.strip()):
+        raise EdgesegError("--val-split must not be empty")
+    d = cfg.distill
+    if d is not None:
+        if not isinstance(d.teacher, str) or not d.teacher.strip():
+            raise EdgesegError("--teacher must name a checkpoint file")
+        check_int(d.stage1_epochs, "--stage1-epochs", 1, 100_000, none_ok=True)
+        check_float(d.tau, "--tau", 0.0, 100.0, lo_open=True)
+        check_float(d.alpha, "--alpha", 0.0, 100.0, none_ok=True)
+        check_float(d.rho, "--rho", 0.0, 100.0)
+        check_float(d.contrast_weight, "--contrast-weight", 0.0, 100.0)
+        check_float(d.ema_decay, "ema_decay", 0.0, 1.0, hi_open=True)
+    return cfg
 
 
 def config_differences(old: dict, new: dict) -> list[str]:

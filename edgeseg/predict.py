@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -61,8 +62,22 @@ def predict_frames(logits_fn: Callable[[np.ndarray], np.ndarray], contract: Inpu
 
 
 def _image_frames(paths: list[Path]):
-    for p in paths:
-        yield p.stem, (lambda p=p: read_rgb(p))
+    for p, name in zip(paths, output_names(paths)):
+        yield name, (lambda p=p: read_rgb(p))
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """One distinct output name per input image: its stem, or its whole file name where stems clash
+    (``frame.jpg`` + ``frame.png`` -> ``frame.jpg``, ``frame.png``), so no mask overwrites another. Names are
+    compared case-insensitively (``A.png`` and ``a.png`` are one file on some file systems)."""
+    stems = Counter(p.stem.casefold() for p in paths)
+    names = [p.stem if stems[p.stem.casefold()] == 1 else p.name for p in paths]
+    folded = Counter(n.casefold() for n in names)
+    clash = next((n for n in names if folded[n.casefold()] > 1), None)
+    if clash is not None:
+        same = [str(p) for p, n in zip(paths, names) if n.casefold() == clash.casefold()]
+        raise EdgesegError(f"inputs {', '.join(same)} would write the same output {clash}.png; rename one of them")
+    return names
 
 
 def _video_frames(cap: cv2.VideoCapture):
@@ -141,6 +156,7 @@ def predict_path(logits_fn, contract: InputContract, source: Path, out: Path) ->
     if is_video(source):
         return _predict_video(logits_fn, contract, source, out)
     paths = image_paths(source)
+    output_names(paths)  # refuse clashing names before anything is written
     (out / "masks").mkdir(exist_ok=True)
     (out / "overlays").mkdir(exist_ok=True)
     rows = []

@@ -4,11 +4,14 @@
     torchrun --nproc_per_node 2 -m edgeseg.cli train ...      # DDP (gloo on CPU, nccl on GPU)
 
 Each epoch writes ``last.pt`` (with optimizer state, for ``--resume``), ``best.pt`` when validation mDice
-improves, a row of ``metrics.csv`` and ``curves.png``; all writes are atomic.
+improves, a row of ``metrics.csv`` and ``curves.png``; all writes are atomic. A fresh run refuses a folder
+that already holds a run (``--resume`` continues it), and a run holds an exclusive lock on its folder for its
+lifetime, so a second run on the same folder is refused instead of interleaving writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -22,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from edgeseg.checkpoint import load_model, make_checkpoint, read_checkpoint, save_atomic
-from edgeseg.config import TrainConfig, config_differences
+from edgeseg.config import TrainConfig, check_config, config_differences
 from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root, split_hash
 from edgeseg.errors import EdgesegError
@@ -30,6 +33,11 @@ from edgeseg.fileio import atomic_path, file_sha256
 from edgeseg.losses import SegLoss
 from edgeseg.metrics import SegMetrics
 from edgeseg.models import create_model
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked against each other
+    fcntl = None
 
 log = logging.getLogger("edgeseg.train")
 
@@ -132,35 +140,153 @@ def validate(model: torch.nn.Module, data: SegDataset, batch_size: int = 16) -> 
     return metrics.compute()
 
 
-def _resume(cfg: TrainConfig, out: Path, objective, opt) -> tuple[int, float]:
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv")  # a folder holding any of these holds a run
+LOCK_FILE = ".edgeseg-run.lock"  # flock-ed by the run that writes the folder, for its whole lifetime
+
+
+def _check_run_folder(out: Path, resume: bool) -> None:
+    """A fresh run never replaces a run already in ``out``; ``--resume`` needs one to continue."""
+    if out.exists() and not out.is_dir():
+        raise EdgesegError(f"--out {out} is a file, not a run folder; give a folder (it is created if missing)")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise EdgesegError(f"--resume: no {out / 'last.pt'}; start without --resume or point --out at the run "
+                               "folder")
+        return
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held:
+        raise EdgesegError(f"--out {out} already holds a run ({', '.join(held)}); pass --resume to continue it or "
+                           "choose a new --out")
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """Create ``out`` and hold an exclusive flock on its lock file until the block ends (or the process dies,
+    which releases it): a second run on the same folder is refused instead of interleaving its writes."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise EdgesegError(f"cannot create the run folder {out}: {e.strerror or e}") from None
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip()
+                raise EdgesegError(f"--out {out} is in use by another edgeseg run"
+                                   f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish or "
+                                   "choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def _claim_run_folder(stack: contextlib.ExitStack, out: Path, resume: bool, rank: int, world: int) -> None:
+    """Rank 0 locks ``out`` for the run and checks it again under the lock; every rank learns the outcome, so
+    a refusal ends all ranks at once instead of leaving the others waiting in a collective."""
+    error = None
+    if rank == 0:
+        try:
+            stack.enter_context(_run_lock(out))
+            _check_run_folder(out, resume)
+        except EdgesegError as e:
+            error = e
+    if world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        dist.broadcast(flag, 0)
+        if flag.item() and error is None:
+            raise EdgesegError(f"rank 0 could not claim the run folder {out}")
+    if error is not None:
+        raise error
+
+
+def _resume_checkpoint(cfg: TrainConfig, out: Path, splits: dict) -> dict:
+    """The run's last.pt, after checking that it is a training checkpoint of this config and these splits."""
     last = out / "last.pt"
-    if not last.is_file():
-        raise EdgesegError(f"--resume: no {last}; start without --resume or point --out at the run folder")
     ckpt = read_checkpoint(last)
+    if ckpt.get("config") is None or ckpt.get("epoch") is None or not (ckpt.get("train_state") or "optimizer" in ckpt):
+        raise EdgesegError(f"--resume: {last} holds no training state (a best.pt or an exported checkpoint copied "
+                           "there?); resume from the last.pt training wrote, or start a new --out")
     diff = config_differences(ckpt["config"], cfg.to_dict())
     if diff:
         pairs = ", ".join(f"{k}: {ckpt['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
         raise EdgesegError(f"--resume with a different config ({pairs}); use the run's options or a new --out")
+    recorded = ckpt.get("splits") or {}
+    for part in ("train", "val"):
+        if recorded.get(part) != splits[part]:
+            then, now = recorded.get(f"{part}_n", "?"), splits[f"{part}_n"]
+            raise EdgesegError(f"--resume: the {part} split changed since the run started ({then} images then, {now} "
+                               f"now; sha256 {str(recorded.get(part))[:12]} -> {splits[part][:12]}); restore the "
+                               "split files or start a new --out")
+    return ckpt
+
+
+def _load_train_state(ckpt: dict, objective, opt) -> tuple[int, float]:
     # Runs started before train_state existed kept the student and optimizer at the top level.
     state = ckpt.get("train_state") or {"student": ckpt["state_dict"], "optimizer": ckpt["optimizer"], "objective": {}}
-    objective.student.load_state_dict(state["student"])
-    objective.load_extra_state(state["objective"])
-    opt.load_state_dict(state["optimizer"])
-    return ckpt["epoch"], ckpt.get("best_mdice", -1.0)
+    try:
+        objective.student.load_state_dict(state["student"])
+        objective.load_extra_state(state["objective"])
+        opt.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise EdgesegError(f"--resume: the training state in last.pt does not fit this run ({first}); the file was "
+                           "edited or damaged: start a new --out") from None
+    best = ckpt.get("best_mdice")
+    return ckpt["epoch"], best if best is not None else -1.0
+
+
+def _check_batches(cfg: TrainConfig, train_ids: list[str], world: int) -> None:
+    """Every epoch must take at least one step (batches are full: drop_last)."""
+    per_rank = len(train_ids) // world
+    if per_rank < cfg.batch_size:
+        where = "" if cfg.val_split else " after carving the validation set"
+        ranks = f" per rank ({world} ranks)" if world > 1 else ""
+        raise EdgesegError(f"the train split has {len(train_ids)} image(s){where}, fewer than one batch of "
+                           f"{cfg.batch_size}{ranks}, so no training step would run; lower --batch-size or use a "
+                           "larger split")
+
+
+@torch.no_grad()
+def _check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """One eval-mode forward at --size (no randomness, no statistics updated) before any data is decoded: some
+    architectures need a larger input than 32 (MicroAUNet's reflect padding needs 128)."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, cfg.size, cfg.size))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise EdgesegError(f"model {cfg.model!r} does not run at --size {cfg.size} ({first}); use a larger --size") \
+            from None
+    finally:
+        model.train(was_training)
 
 
 def run(cfg: TrainConfig, resume: bool = False) -> Path:
+    check_config(cfg)
     rank, world = _dist_setup()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.size % 32:
-        raise EdgesegError(f"--size must be a multiple of 32, got {cfg.size}")
     root = resolve_data_root(cfg.data_root)
     out = Path(cfg.out)
     train_ids, val_ids = _splits(cfg, root)
+    _check_batches(cfg, train_ids, world)
+    splits = {"train": split_hash(train_ids), "val": split_hash(val_ids), "train_n": len(train_ids),
+              "val_n": len(val_ids)}
+    # Refuse early (before decoding) what the checks under the run lock would refuse anyway.
+    _check_run_folder(out, resume)
+    if resume:
+        _resume_checkpoint(cfg, out, splits)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model)
+    _check_input_size(model, cfg)
     contract = InputContract(size=cfg.size, mean=model.mean, std=model.std)
     train_data = SegDataset(load_decoded(root, train_ids, cfg.size, cache, cfg.strict_masks), contract,
                             Augment(seed=cfg.seed))
@@ -169,33 +295,35 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         model = model.to(memory_format=torch.channels_last)
     objective, distill_info = _objective(cfg, model, SegLoss(model.region_weights, model.boundary_weights), contract)
     opt = _make_optimizer(cfg, objective)
-    start_epoch, best = _resume(cfg, out, objective, opt) if resume else (0, -1.0)
-    net = objective
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=cfg.distill is not None)
-    splits = {"train": split_hash(train_ids), "val": split_hash(val_ids), "train_n": len(train_ids),
-              "val_n": len(val_ids)}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        log.info("training %s on %d images, validating on %d, epochs %d..%d, out %s", cfg.model, len(train_ids),
-                 len(val_ids), start_epoch + 1, cfg.epochs, out)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        train_data.augment.epoch = epoch
-        objective.set_epoch(epoch)
-        loader = _epoch_loader(cfg, train_data, epoch, rank, world)
-        t0 = time.perf_counter()
-        train_loss = _train_epoch(cfg, net, objective, opt, loader, epoch, rank)
-        elapsed = time.perf_counter() - t0
-        if rank == 0:
-            head = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
-            speed = {"epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
-            extra = dict(config=cfg.to_dict(), splits=splits, distill=distill_info)
-            best = _validate_and_save(cfg, out, model, objective, opt, val_data, contract, head, speed, best, extra)
+    with contextlib.ExitStack() as stack:
+        _claim_run_folder(stack, out, resume, rank, world)
+        # Read last.pt again under the lock: another run may have finished epochs since the early check.
+        start_epoch, best = _load_train_state(_resume_checkpoint(cfg, out, splits), objective, opt) if resume \
+            else (0, -1.0)
+        net = objective
         if world > 1:
-            dist.barrier()
-    if world > 1:
-        _check_ranks_agree(objective.eval_model(), out, rank, world)
+            net = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=cfg.distill is not None)
+        if rank == 0:
+            log.info("training %s on %d images, validating on %d, epochs %d..%d, out %s", cfg.model, len(train_ids),
+                     len(val_ids), start_epoch + 1, cfg.epochs, out)
+
+        for epoch in range(start_epoch, cfg.epochs):
+            train_data.augment.epoch = epoch
+            objective.set_epoch(epoch)
+            loader = _epoch_loader(cfg, train_data, epoch, rank, world)
+            t0 = time.perf_counter()
+            train_loss = _train_epoch(cfg, net, objective, opt, loader, epoch, rank)
+            elapsed = time.perf_counter() - t0
+            if rank == 0:
+                head = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
+                speed = {"epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
+                extra = dict(config=cfg.to_dict(), splits=splits, distill=distill_info)
+                best = _validate_and_save(cfg, out, model, objective, opt, val_data, contract, head, speed, best,
+                                          extra)
+            if world > 1:
+                dist.barrier()
+        if world > 1:
+            _check_ranks_agree(objective.eval_model(), out, rank, world)
     return out / "best.pt"
 
 
@@ -239,6 +367,8 @@ def _train_epoch(cfg, net, objective, opt, loader, epoch: int, rank: int) -> flo
     steps = len(loader)
     cols = (TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    if not steps:  # _check_batches makes this unreachable; never save an untrained model as a finished epoch
+        raise EdgesegError(f"epoch {epoch + 1} has no full batch of {cfg.batch_size}; lower --batch-size")
     with Progress(*cols, disable=rank != 0, transient=True) as bar:
         task = bar.add_task("train", total=steps, loss=float("nan"))
         for i, (x, mask, bnd) in enumerate(loader):

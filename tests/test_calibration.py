@@ -4,6 +4,7 @@ manifest (too small, overlapping the parity split, stale sha256, missing file, n
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -119,3 +120,18 @@ def test_load_images_follows_the_contract(data_root, tmp_path):
     m = read_manifest(write_manifest(make_manifest("pranet-train", data_root, n=8), tmp_path / "m.json"))
     x = load_images(m, data_root, InputContract(size=64))
     assert x.shape == (8, 3, 64, 64) and x.dtype.name == "float32" and 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_manifest_schema_is_checked_on_read(data_root, tmp_path):
+    base = make_manifest("pranet-train", data_root, n=8)
+    first = base["images"][0]
+    cases = {"empty": [], "dup": base["images"] + [first], "escape": [{**first, "id": "kvasir-seg/../../../etc"}],
+             "short-sha": [{**first, "sha256": "abc"}], "not-a-dict": ["kvasir-seg/x"]}
+    for name, images in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**base, "images": images}))
+        with pytest.raises(EdgesegError, match=f"{name}.json"):
+            read_manifest(path)
+    (tmp_path / "v.json").write_text(json.dumps({**base, "format_version": [1]}))
+    with pytest.raises(EdgesegError, match="format_version"):
+        read_manifest(tmp_path / "v.json")

@@ -10,7 +10,7 @@ import pytest
 
 from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root
-from edgeseg.data.io import boundary_map, read_mask, read_pair
+from edgeseg.data.io import boundary_map, read_mask, read_pair, read_rgb
 from edgeseg.data.splits import ENV_VAR
 from edgeseg.errors import EdgesegError
 
@@ -107,3 +107,84 @@ def test_read_pair_checks(tmp_path, data_root):
     cv2.imwrite(str(small), cv2.resize(cv2.imread(str(mask), 0), (100, 80), interpolation=cv2.INTER_NEAREST))
     with pytest.raises(EdgesegError, match="same size"):
         read_pair(img, small)
+
+
+@pytest.mark.parametrize("sid", ["ds/../../x", "ds//abs/path", "../ds/x", "ds/./x", "ds/a\\b", "ds/", "/ds/x",
+                                 "nodataset", "ds/x\0y"])
+def test_ids_that_would_leave_the_data_root_are_refused(sid, tmp_path):
+    from edgeseg.data.splits import check_id, image_path, mask_path
+
+    for fn in (image_path, mask_path):
+        with pytest.raises(EdgesegError, match="<dataset>/<id>"):
+            fn(tmp_path, sid)
+    with pytest.raises(EdgesegError, match="where:1"):
+        check_id(sid, "where:1")
+    assert image_path(tmp_path, "ds/sub/x") == tmp_path / "ds" / "images" / "sub" / "x.jpg"  # nested names stay in
+
+
+@pytest.mark.parametrize("spec", ["seeded:cvc-clinicdb:0:42:train", "seeded:cvc-clinicdb:²:42:train",
+                                  "seeded:..:4:42:train", "seeded:cvc-clinicdb:4:-1:train"])
+def test_bad_seeded_specs_are_refused(spec, data_root):
+    with pytest.raises(EdgesegError, match="bad split spec"):
+        read_split(spec, data_root)
+
+
+def test_carving_never_leaves_an_empty_part():
+    with pytest.raises(EdgesegError, match="leaves none to train on"):
+        carve_validation(["a/1"], 0.1, 42)
+    with pytest.raises(EdgesegError, match="leaves none to train on"):
+        carve_validation(["a/1", "a/2", "a/3", "a/4"], 0.9, 42)
+    assert carve_validation(["a/1", "a/2"], 0.5, 42)[0]
+
+
+def _jpeg(img, **params) -> bytes:
+    flags = {"sampling": cv2.IMWRITE_JPEG_SAMPLING_FACTOR, "restart": cv2.IMWRITE_JPEG_RST_INTERVAL,
+             "progressive": cv2.IMWRITE_JPEG_PROGRESSIVE, "optimize": cv2.IMWRITE_JPEG_OPTIMIZE}
+    ok, buf = cv2.imencode(".jpg", img, [v for k, x in params.items() for v in (flags[k], x)])
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("params", [{}, {"sampling": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444},
+                                    {"sampling": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422}, {"restart": 1},
+                                    {"restart": 5, "optimize": 1}])
+@pytest.mark.parametrize("shape", [(37, 53, 3), (64, 64, 3), (29, 41)])
+def test_jpeg_scan_walk_tells_complete_from_cut_short(params, shape):
+    from edgeseg.data.io import jpeg_scans_complete
+
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    data = _jpeg(img, **params)
+    assert jpeg_scans_complete(data) is True
+    assert jpeg_scans_complete(_jpeg(np.full(shape, 128, np.uint8), **params)) is True
+    assert jpeg_scans_complete(data[: len(data) * 2 // 3] + b"\xff\xd9") is False
+    assert jpeg_scans_complete(_jpeg(img, progressive=1)) is None  # not walked
+
+
+def test_every_real_frame_is_a_complete_jpeg(data_root):
+    from edgeseg.data.io import jpeg_scans_complete
+
+    frames = sorted((data_root / "cvc-clinicdb" / "images").glob("*.jpg"))[:20]
+    assert all(jpeg_scans_complete(p.read_bytes()) is True for p in frames)
+
+
+def test_masks_of_other_depths_and_layouts(tmp_path, data_root):
+    ref = read_mask(data_root / "cvc-clinicdb" / "masks" / "1.png")
+    colour = np.repeat(ref[..., None] * 255, 3, axis=2)
+    cv2.imwrite(str(tmp_path / "rgb.png"), colour)
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([colour, np.full(ref.shape, 255, np.uint8)]))
+    for name in ("rgb.png", "rgba.png"):
+        assert np.array_equal(read_mask(tmp_path / name, strict=True), ref)
+    grey16 = ref.astype(np.uint16) * 40000  # 16-bit, not 0/65535: thresholded at half range or refused
+    cv2.imwrite(str(tmp_path / "g16.png"), grey16)
+    with pytest.raises(EdgesegError, match="not binary .*0/65535"):
+        read_mask(tmp_path / "g16.png", strict=True)
+    assert np.array_equal(read_mask(tmp_path / "g16.png"), ref)
+
+
+def test_empty_and_non_image_files(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(EdgesegError, match="empty"):
+        read_rgb(tmp_path / "empty.jpg")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(EdgesegError, match="not a readable image"):
+        read_rgb(tmp_path / "text.png")

@@ -71,3 +71,13 @@ def test_unreadable_video_and_missing_input(authors, tmp_path):
         predict_path(*authors, bad, tmp_path / "out")
     with pytest.raises(EdgesegError, match="does not exist"):
         predict_path(*authors, tmp_path / "nope.jpg", tmp_path / "out")
+
+
+def test_output_names_never_clash(tmp_path):
+    from edgeseg.predict import output_names
+
+    names = [tmp_path / n for n in ("a.jpg", "frame.jpg", "frame.PNG", "b.png")]
+    assert output_names(names) == ["a", "frame.jpg", "frame.PNG", "b"]
+    assert output_names([tmp_path / "A.png", tmp_path / "a.jpg"]) == ["A.png", "a.jpg"]  # case-insensitive file systems
+    with pytest.raises(EdgesegError, match="same output frame.jpg.png"):
+        output_names([tmp_path / n for n in ("frame.jpg", "frame.png", "frame.jpg.png")])

@@ -84,3 +84,27 @@ def test_ddp_two_gloo_ranks_agree(tiny_split, data_root, tmp_path):
     assert ranks["world_size"] == 2 and ranks["agree"] is True
     assert ranks["checksums"][0] == ranks["checksums"][1]
     assert read_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_run_checks_configs_built_by_hand(tiny_split, data_root, tmp_path):
+    from dataclasses import replace
+
+    from edgeseg.errors import EdgesegError
+
+    good = _cfg(tiny_split, data_root, tmp_path / "run")
+    for field, value, option in (("batch_size", 0, "--batch-size"), ("lr", float("nan"), "--lr"),
+                                 ("size", 0, "--size"), ("epochs", 0, "--epochs"), ("seed", -1, "--seed")):
+        with pytest.raises(EdgesegError, match=option):
+            train_mod.run(replace(good, **{field: value}))  # dataclasses.replace bypasses build_config
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_run_lock_is_held_for_the_run_and_released_after(tmp_path):
+    from edgeseg.errors import EdgesegError
+
+    with train_mod._run_lock(tmp_path / "run"):
+        with pytest.raises(EdgesegError, match="in use by another edgeseg run \\(pid \\d+\\)"):
+            with train_mod._run_lock(tmp_path / "run"):
+                pass
+    with train_mod._run_lock(tmp_path / "run"):  # released when the first run ended
+        pass

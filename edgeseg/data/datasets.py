@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from edgeseg.contract import InputContract, resize_image, resize_mask
 from edgeseg.data.io import boundary_map, read_pair
 from edgeseg.data.splits import image_path, mask_path
 from edgeseg.data.transforms import Augment
+from edgeseg.errors import EdgesegError
 from edgeseg.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -54,25 +57,64 @@ def _decode_one(root: Path, sid: str, size: int, strict: bool):
 
 def load_decoded(root: Path, ids: list[str], size: int, cache_dir: Path | None = None,
                  strict: bool = False) -> Decoded:
-    """Decode ``ids`` at ``size`` x ``size``, through the on-disk cache when ``cache_dir`` is given."""
+    """Decode ``ids`` at ``size`` x ``size``, through the on-disk cache when ``cache_dir`` is given.
+
+    A cache file that cannot be read back (truncated by a full disk or a kill, edited, another format) is
+    rebuilt with a warning, never trusted and never fatal. A ``cache_dir`` that is a file or cannot be
+    written is refused before anything is decoded.
+    """
+    if not ids:
+        raise EdgesegError("no images to decode: the split is empty")
     cache_file = None
     if cache_dir is not None:
+        check_cache_dir(cache_dir)
         h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{strict}".encode())
         for sid in ids:
             h.update(f"|{sid}|{_file_key(image_path(root, sid))}|{_file_key(mask_path(root, sid))}".encode())
         cache_file = Path(cache_dir) / f"decoded-{size}-{h.hexdigest()[:24]}.npz"
         if cache_file.is_file():
-            with np.load(cache_file) as z:
-                if list(z["ids"]) == list(ids):
-                    return Decoded(list(ids), z["images"], z["masks"], z["boundaries"])
-            log.warning("cache %s does not match its key; rebuilding", cache_file)
+            cached = _read_cache(cache_file, ids, size)
+            if cached is not None:
+                return cached
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # OpenCV releases the GIL
         out = list(pool.map(lambda s: _decode_one(root, s, size, strict), ids))
     dec = Decoded(list(ids), *(np.stack(a) for a in zip(*out)))
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:
             np.savez(tmp, ids=np.array(ids), images=dec.images, masks=dec.masks, boundaries=dec.boundaries)
+    return dec
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Create ``cache_dir`` if needed and prove it writable with a probe file; EdgesegError otherwise."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise EdgesegError(f"--cache-dir {cache_dir} is a file, not a folder; give a folder (created if missing)")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as e:
+        raise EdgesegError(f"--cache-dir {cache_dir} cannot be written ({e.strerror or e}); give a writable "
+                           "folder or drop --cache-dir") from None
+
+
+def _read_cache(cache_file: Path, ids: list[str], size: int) -> Decoded | None:
+    """The cached split, or None (with a warning) when the file is damaged or does not match its key."""
+    n = len(ids)
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            dec = Decoded(list(ids), z["images"], z["masks"], z["boundaries"])
+            same_ids = [str(i) for i in z["ids"]] == list(ids)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        log.warning("cache %s is unreadable (%s); rebuilding it", cache_file, str(e).splitlines()[0][:80] or
+                    type(e).__name__)
+        return None
+    shapes_ok = (dec.images.shape == (n, size, size, 3) and dec.masks.shape == dec.boundaries.shape == (n, size, size)
+                 and dec.images.dtype == dec.masks.dtype == dec.boundaries.dtype == np.uint8)
+    if not (same_ids and shapes_ok):
+        log.warning("cache %s does not match its key; rebuilding it", cache_file)
+        return None
     return dec
 
 

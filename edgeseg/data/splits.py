@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from pathlib import Path
 
 from edgeseg.errors import EdgesegError
@@ -36,13 +37,30 @@ def resolve_data_root(option: str | os.PathLike | None = None) -> Path:
                        "(a folder holding <dataset>/images/<id>.jpg and <dataset>/masks/<id>.png)")
 
 
+def check_id(sid: str, where: str = "") -> str:
+    """Refuse an id that could name a file outside the data root; returns ``sid``.
+
+    An id is ``<dataset>/<name>``: '/'-separated parts, none empty, ``.`` or ``..``, and no backslash, NUL or
+    leading '/'. So ``ds/../../x`` and ``ds//abs/path`` (which pathlib would turn into ``/abs/path``) are
+    refused here, the one place every id passes through on its way to a path.
+    """
+    prefix = f"{where}: " if where else ""
+    if not isinstance(sid, str) or "/" not in sid:
+        raise EdgesegError(f"{prefix}entry {sid!r} is not of the form <dataset>/<id>")
+    parts = sid.split("/")
+    if any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise EdgesegError(f"{prefix}entry {sid!r} is not a plain <dataset>/<id> (empty, '.' or '..' parts, "
+                           "backslashes and absolute paths would leave the data root)")
+    return sid
+
+
 def image_path(root: Path, sid: str) -> Path:
-    dataset, name = sid.split("/", 1)
+    dataset, name = check_id(sid).split("/", 1)
     return root / dataset / "images" / f"{name}{IMAGE_SUFFIX}"
 
 
 def mask_path(root: Path, sid: str) -> Path:
-    dataset, name = sid.split("/", 1)
+    dataset, name = check_id(sid).split("/", 1)
     return root / dataset / "masks" / f"{name}{MASK_SUFFIX}"
 
 
@@ -77,17 +95,42 @@ def read_split(spec: str, root: Path) -> list[str]:
             raise EdgesegError(f"split {spec!r} is neither a file nor a name in {root / 'splits'}; "
                                f"available: {', '.join(avail) or 'none'}")
         path = named
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not ids:
-        raise EdgesegError(f"split file {path} is empty; it needs one <dataset>/<id> per line")
-    for lineno, sid in enumerate(ids, 1):
-        if "/" not in sid:
-            raise EdgesegError(f"{path}:{lineno}: entry {sid!r} is not of the form <dataset>/<id>")
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(_split_lines(path), 1):  # line numbers count blank and comment lines too
+        sid = line.strip()
+        if not sid or sid.startswith("#"):
+            continue
+        check_id(sid, where=f"{path}:{lineno}")
+        if sid in seen:
+            raise EdgesegError(f"{path}:{lineno}: {sid!r} is listed again (first on line {seen[sid]}); "
+                               "remove the duplicate")
         check_pair_exists(root, sid, where=f"{path}:{lineno}")
-    if len(set(ids)) != len(ids):
-        dup = next(s for s in ids if ids.count(s) > 1)
-        raise EdgesegError(f"split file {path} lists {dup!r} more than once; remove the duplicate")
-    return sorted(ids)
+        seen[sid] = lineno
+    if not seen:
+        raise EdgesegError(f"split file {path} is empty; it needs one <dataset>/<id> per line")
+    return sorted(seen)
+
+
+MAX_SPLIT_BYTES = 64 << 20  # a split of a million ids is ~40 MB; anything larger is not a split
+
+
+def _split_lines(path: Path) -> list[str]:
+    """The lines of a split file, refusing what is not a UTF-8 text file (an image or a checkpoint given as
+    the split) with one line instead of a decode error."""
+    hint = "a split is a text file with one <dataset>/<id> per line"
+    try:
+        if path.stat().st_size > MAX_SPLIT_BYTES:
+            raise EdgesegError(f"split file {path} is {path.stat().st_size >> 20} MB, not a split; {hint}")
+        data = path.read_bytes()
+    except OSError as e:
+        raise EdgesegError(f"cannot read split file {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise EdgesegError(f"split file {path} is not a text file (binary data, an image?); {hint}")
+    return text.splitlines()
 
 
 def check_pair_exists(root: Path, sid: str, where: str) -> None:
@@ -102,25 +145,34 @@ def check_pair_exists(root: Path, sid: str, where: str) -> None:
 
 def _seeded_split(spec: str, root: Path) -> list[str]:
     parts = spec.split(":")
-    if len(parts) != 5 or parts[4] not in ("train", "test") or not parts[2].isdigit() or not parts[3].isdigit():
-        raise EdgesegError(f"bad split spec {spec!r}; expected seeded:<dataset>:<k>:<seed>:train|test, "
-                           "e.g. seeded:kvasir-seg:4:42:train for an 80:20 split")
+    if (len(parts) != 5 or parts[4] not in ("train", "test") or not re.fullmatch(r"[0-9]{1,9}", parts[2])
+            or not re.fullmatch(r"[0-9]{1,18}", parts[3]) or int(parts[2]) < 1):
+        raise EdgesegError(f"bad split spec {spec!r}; expected seeded:<dataset>:<k>:<seed>:train|test with "
+                           "k >= 1, e.g. seeded:kvasir-seg:4:42:train for an 80:20 split")
     _, dataset, k, seed, part = parts
+    if dataset in ("", ".", "..") or "/" in dataset or "\\" in dataset:
+        raise EdgesegError(f"bad split spec {spec!r}: {dataset!r} is not a dataset folder name")
     ids = _list_dataset(root, dataset)
     order = ids[:]
     random.Random(int(seed)).shuffle(order)
     n_test = round(len(ids) / (int(k) + 1))
     chosen = order[:n_test] if part == "test" else order[n_test:]
+    if not chosen:
+        raise EdgesegError(f"split {spec!r} is empty ({len(ids)} images in {dataset}); use a smaller k or "
+                           "more images")
     return sorted(chosen)
 
 
 def carve_validation(ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split ``ids`` into (train, val) with a seeded shuffle of the sorted ids."""
+    """Split ``ids`` into (train, val) with a seeded shuffle of the sorted ids; both parts are non-empty."""
     if not 0.0 < fraction < 1.0:
         raise EdgesegError(f"--val-fraction must be in (0, 1), got {fraction}")
     order = sorted(ids)
-    random.Random(seed).shuffle(order)
     n_val = max(1, round(len(order) * fraction))
+    if n_val >= len(order):
+        raise EdgesegError(f"carving a validation fraction of {fraction} from {len(order)} image(s) leaves none "
+                           "to train on; use a larger split, a smaller --val-fraction or --val-split")
+    random.Random(seed).shuffle(order)
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
