@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from pathlib import Path
 
 from edgeseg.errors import EdgesegError
-from edgeseg.fileio import write_atomic
+from edgeseg.fileio import atomic_path, check_output, make_folder, write_atomic
 
 COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps", "threads",
            "runtime"]
@@ -31,15 +32,24 @@ def artefact_size_kb(folder: Path) -> float:
 
 
 def _reusable(folder: Path, checkpoint_sha: str) -> bool:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    """An earlier complete artefact of the same checkpoint (config, model files and parity record all intact);
+    anything else is exported again."""
+    from edgeseg.export import read_config
+
+    if not folder.is_dir():
         return False
-    return config["checkpoint"]["sha256"] == checkpoint_sha and (folder / "parity.json").is_file()
+    try:
+        config = read_config(folder)
+        parity = json.loads((folder / "parity.json").read_text())
+    except (EdgesegError, OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    measured = isinstance(parity, dict) and all(isinstance(parity.get(k), (int, float))
+                                                for k in ("mdice", "delta", "budget"))
+    return measured and config["checkpoint"]["sha256"] == checkpoint_sha
 
 
 def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, data_root, runs, warmup,
-                  threads) -> dict:
+                  threads, duration_s: float | None = None, pin_core: int | None = None) -> dict:
     """Export (or reuse) ``checkpoint`` for one target x precision under ``out``, then profile it on this host.
     Every number in the row is measured; what could not be measured is said in ``status``."""
     from edgeseg.export import ParityFailure, export, require_runtime
@@ -62,10 +72,14 @@ def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, dat
         return {**row, "status": f"rejected by parity gate (delta {parity['delta']:+.4f}, budget {parity['budget']})",
                 **_artefact_facts(e.path, parity)}
     row.update(_artefact_facts(folder, json.loads((folder / "parity.json").read_text())))
+    cores = os.sched_getaffinity(0)
     try:
-        prof = profile_artefact(folder, threads=threads, warmup=warmup, runs=runs)
+        prof = profile_artefact(folder, threads=threads, pin_core=pin_core, warmup=warmup, runs=runs,
+                                duration_s=duration_s)
     except EdgesegError as e:  # exported and parity-checked, but this host lacks the device to time it
         return {**row, "status": f"exported; not profiled: {e}"}
+    finally:
+        os.sched_setaffinity(0, cores)  # --pin-core pins the timing only, not the next export
     runtime = ", ".join(f"{k} {v}" for k, v in prof["runtime"].items() if k in RUNTIMES)
     return {**row, "status": "ok", "p50_ms": prof["p50_ms"], "p99_ms": prof["p99_ms"], "fps": prof["fps"],
             "threads": prof["threads"], "runtime": runtime, "samples_ms": prof["samples_ms"]}
@@ -78,17 +92,23 @@ def _artefact_facts(folder: Path, parity: dict) -> dict:
 
 
 def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
-                  runs: int = 200, warmup: int = 20, threads: int | None = None) -> list[dict]:
-    """Benchmark ``checkpoint`` on ``targets`` (None: all). Returns the rows; writes the table and plots."""
+                  runs: int = 200, warmup: int = 20, threads: int | None = None, duration_s: float | None = None,
+                  pin_core: int | None = None) -> list[dict]:
+    """Benchmark ``checkpoint`` on ``targets`` (None: all). Returns the rows; writes the table and plots.
+    Every option and the output folder are checked before the first export."""
     from edgeseg.checkpoint import DEFAULT_MODEL
     from edgeseg.fileio import file_sha256
+    from edgeseg.profiling import check_timing_options
     from edgeseg.targets import get_target, list_targets
 
+    check_timing_options(runs, warmup, duration_s, threads, pin_core)
+    out = check_output(out, "folder", what="the benchmark folder")
     chosen = list_targets() if not targets or targets == ["all"] else [get_target(t) for t in targets]
     ckpt_sha = file_sha256(checkpoint if checkpoint is not None else DEFAULT_MODEL)
     calib = calib or DEFAULT_CALIB
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [benchmark_row(checkpoint, ckpt_sha, t, p, out, calib, data_root, runs, warmup, threads)
+    make_folder(out, "the benchmark folder")
+    rows = [benchmark_row(checkpoint, ckpt_sha, t, p, out, calib, data_root, runs, warmup, threads, duration_s,
+                          pin_core)
             for t in chosen for p in t.precisions]
     write_table(rows, out)
     plot(rows, out)
@@ -141,13 +161,21 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.set(xlabel="p50 latency (ms)", ylabel="mDice (parity frames)", title="Dice vs latency")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "pareto.png")
     fig, axes = plt.subplots(len(timed), 1, figsize=(7, 1.8 * len(timed)), sharex=True, squeeze=False)
     for ax, r in zip(axes[:, 0], timed):
         ax.hist(r["samples_ms"], bins=40)
         ax.set_ylabel(f"{r['target']}\n{r['precision']}", fontsize=8)
     axes[-1, 0].set_xlabel("latency (ms)")
     fig.tight_layout()
-    fig.savefig(out / "latency_hist.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "latency_hist.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -96,10 +96,6 @@ def make_manifest(split: str, root: Path, n: int = DEFAULT_N, exclude: tuple[str
 def write_manifest(manifest: dict, path: str | os.PathLike) -> Path:
     """Write atomically (temp file + rename); the folder is created if needed."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgesegError(f"cannot write manifest {path}: {e.strerror}") from None
     head = {k: v for k, v in manifest.items() if k != "images"}
     lines = ",\n".join(f"  {json.dumps(entry)}" for entry in manifest["images"])  # one image per line
     return write_atomic(path, json.dumps(head, indent=1)[:-2] + f',\n "images": [\n{lines}\n ]\n}}\n')

@@ -53,7 +53,6 @@ def git_sha() -> str | None:
 def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return path

@@ -19,7 +19,8 @@ import numpy as np
 from edgeseg.contract import InputContract, resize_mask
 from edgeseg.data.io import read_pair
 from edgeseg.data.splits import image_path, mask_path
-from edgeseg.fileio import write_atomic
+from edgeseg.errors import EdgesegError
+from edgeseg.fileio import atomic_path, make_folder, write_atomic
 from edgeseg.metrics import SegMetrics
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (B, 3, S, S) float32 -> (B, 1, S, S) float32 logits
@@ -84,16 +85,22 @@ def overlay(img: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None) -> 
 
 
 def write_overlays(folder: Path, items, size: int) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """One PNG per item, each written to a temp name and renamed; an unwritable folder is an EdgesegError."""
+    folder = _make_folder(folder, "--overlays")
     for rank, (sid, img, mask, z, d) in enumerate(items, 1):
         zn = cv2.resize(z, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
         vis = overlay(img, zn > 0, mask)
-        name = f"{rank:02d}_{sid.replace('/', '_')}_dice{d:.3f}.png"
-        cv2.imwrite(str(folder / name), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
+        path = folder / f"{rank:02d}_{sid.replace('/', '_')}_dice{d:.3f}.png"
+        with atomic_path(path) as tmp:
+            if not cv2.imwrite(str(tmp), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR)):
+                raise EdgesegError(f"cannot write {path}; check that the folder is writable")
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent, "--json")
     write_atomic(path, json.dumps(obj, indent=2))
+
+
+def _make_folder(folder: Path, option: str) -> Path:
+    return make_folder(folder, f"the {option} folder")

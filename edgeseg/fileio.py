@@ -19,15 +19,29 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def make_folder(folder: str | os.PathLike, what: str = "the output folder") -> Path:
+    """Create ``folder`` and its parents if missing; an OSError (a file on the way, no permission) becomes a
+    one-line EdgesegError naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise EdgesegError(f"cannot create {what} {folder}: a file of that name is in the way") from None
+    except OSError as e:
+        raise EdgesegError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temp path beside ``path`` (same suffix, so writers that go by the extension work) to write into.
 
     On a normal exit it gets the permissions of a newly created file (mkstemp makes it private) and replaces
-    ``path``; on an exception it is removed and ``path`` is left as it was. The folder must exist. An OSError
-    (unwritable folder, full disk) becomes an EdgesegError naming ``path``.
+    ``path``; on an exception it is removed and ``path`` is left as it was. The folder is created if missing.
+    An OSError (unwritable folder, full disk, a folder at ``path``) becomes an EdgesegError naming ``path``.
     """
     path = Path(path)
+    make_folder(path.parent, f"the folder of {path}")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
@@ -48,7 +62,38 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` (str as UTF-8) to ``path`` atomically; the folder must exist. EdgesegError on failure."""
+    """Write ``data`` (str as UTF-8) to ``path`` atomically. EdgesegError on failure."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def check_output(path: str | os.PathLike, kind: str = "file", option: str = "--out", *,
+                 what: str | None = None) -> Path:
+    """Refuse, before any work is done, an output path that cannot be written; creates nothing.
+
+    ``kind`` is "file" (written atomically beside itself) or "folder" (created with its parents if missing).
+    An existing path must be of that kind, and the nearest existing folder on the way must be writable (a
+    file in the middle of the path cannot become a folder). Every command that writes calls this first;
+    ``option`` and ``what`` ("the artefact folder") name the output in the message.
+    """
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    path = Path(path)
+    what = what or f"the output {kind}"
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+        nearest = path if kind == "folder" and is_dir else path.parent
+        while not nearest.exists() and nearest != nearest.parent:
+            nearest = nearest.parent
+    except OSError as e:  # e.g. a folder on the way that may not be listed
+        raise EdgesegError(f"cannot write {what} {path} ({option}): {e.strerror or e}") from None
+    if kind == "folder" and exists and not is_dir:
+        raise EdgesegError(f"{option} {path} is a file, not a folder; give a folder (it is created if missing)")
+    if kind == "file" and is_dir:
+        raise EdgesegError(f"{option} {path} is a folder; give a file name")
+    if not nearest.is_dir():
+        raise EdgesegError(f"cannot write {what} {path} ({option}): {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise EdgesegError(f"cannot write {what} {path} ({option}): no write permission in {nearest}")
+    return path

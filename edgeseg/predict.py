@@ -24,7 +24,7 @@ from edgeseg.contract import InputContract
 from edgeseg.data.io import read_rgb
 from edgeseg.errors import EdgesegError
 from edgeseg.evaluate import overlay
-from edgeseg.fileio import atomic_path
+from edgeseg.fileio import atomic_path, make_folder
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v"}
@@ -149,16 +149,13 @@ def predict_path(logits_fn, contract: InputContract, source: Path, out: Path) ->
     source = Path(source)
     if not source.exists():
         raise EdgesegError(f"input {source} does not exist")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgesegError(f"cannot create output folder {out}: {e.strerror}") from None
+    make_folder(out, "the output folder")
     if is_video(source):
         return _predict_video(logits_fn, contract, source, out)
     paths = image_paths(source)
     output_names(paths)  # refuse clashing names before anything is written
-    (out / "masks").mkdir(exist_ok=True)
-    (out / "overlays").mkdir(exist_ok=True)
+    make_folder(out / "masks", "the masks folder")
+    make_folder(out / "overlays", "the overlays folder")
     rows = []
     for i, p in enumerate(predict_frames(logits_fn, contract, _image_frames(paths))):
         _write_image(out / "masks" / f"{p.name}.png", p.mask.astype(np.uint8) * 255)

@@ -7,6 +7,7 @@ the platform exposes throttling flags (Raspberry Pi ``vcgencmd get_throttled``) 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -53,13 +54,38 @@ class Timing:
     samples_ms: list[float] = field(default_factory=list)
 
 
-def pin_to_core(core: int | None) -> None:
-    """Pin this process to one core (``os.sched_setaffinity``); refuse a core that does not exist."""
+MAX_THREADS = 1024  # a sanity bound on --threads; runtimes take a C int
+
+
+def check_timing_options(runs: int | None = None, warmup: int | None = None, duration_s: float | None = None,
+                         threads: int | None = None, pin_core: int | None = None) -> None:
+    """Refuse timing options that cannot be honoured, before anything is loaded or exported (None: the
+    default). Shared by ``profile`` and ``benchmark``."""
+    if runs is not None and runs < 1:
+        raise EdgesegError(f"--runs must be at least 1, got {runs}")
+    if warmup is not None and warmup < 0:
+        raise EdgesegError(f"--warmup must be 0 or more, got {warmup}")
+    if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
+        raise EdgesegError(f"--duration must be a number of seconds above 0, got {duration_s}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise EdgesegError(f"--threads must be between 1 and {MAX_THREADS}, got {threads} (leave it out for the "
+                           "target's default)")
+    _check_core(pin_core)
+
+
+def _check_core(core: int | None) -> None:
     if core is None:
         return
     available = sorted(os.sched_getaffinity(0))
     if core not in available:
         raise EdgesegError(f"--pin-core {core} is not available here; cores: {', '.join(map(str, available))}")
+
+
+def pin_to_core(core: int | None) -> None:
+    """Pin this process to one core (``os.sched_setaffinity``); refuse a core that does not exist."""
+    if core is None:
+        return
+    _check_core(core)
     os.sched_setaffinity(0, {core})
 
 
@@ -109,10 +135,24 @@ def _read(path: str) -> str | None:
         return None
 
 
+def cpu_model(cpuinfo: str | None = None) -> str | None:
+    """The CPU's name from /proc/cpuinfo (or the text ``cpuinfo``): its "model name" (x86, most ARM kernels),
+    else the board's "Model" or the SoC's "Hardware" line (Raspberry Pi kernels without "model name"), else
+    ``platform.processor()``. Never x86's numeric "model" field."""
+    if cpuinfo is None:
+        cpuinfo = _read("/proc/cpuinfo") or ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip():
+            fields.setdefault(key.strip(), value.strip())
+    name = next((fields[k] for k in ("model name", "Model", "Hardware") if k in fields), None)
+    return name or platform.processor() or None
+
+
 def system_info(core: int | None = None) -> dict:
     """CPU model, governor, frequency, Jetson power model: whatever this platform exposes."""
-    cpu = next((line.split(":", 1)[1].strip() for line in (_read("/proc/cpuinfo") or "").splitlines()
-                if line.lower().startswith(("model name", "hardware", "model"))), platform.processor() or None)
+    cpu = cpu_model()
     c = core if core is not None else 0
     freq = _read(f"/sys/devices/system/cpu/cpu{c}/cpufreq/scaling_cur_freq")
     info = {
@@ -139,22 +179,20 @@ def profile_artefact(path: str | os.PathLike, threads: int | None = None, pin_co
     """Load an exported artefact with its own runtime and time it. Returns one flat-ish JSON-able dict whose
     headline keys are ``p50_ms, p90_ms, p99_ms, fps, threads, target, precision, device`` (model only)."""
     from edgeseg.contract import InputContract
-    from edgeseg.export import load_runner, read_config
+    from edgeseg.export import make_runner, open_artefact
     from edgeseg.targets import get_target
 
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    if not Path(path).exists():
-        raise EdgesegError(f"artefact {path} does not exist")
-    config = read_config(folder)
+    check_timing_options(runs, warmup, duration_s, threads, pin_core)
+    if end_to_end is not None and not Path(end_to_end).exists():
+        raise EdgesegError(f"--end-to-end {end_to_end} does not exist")
+    folder, config = open_artefact(path)  # config.json and the model files checked
     target = get_target(config["target"])
     warmup = target.profile.warmup if warmup is None else warmup
     runs = target.profile.runs if runs is None else runs
-    if runs < 1 and not duration_s:
-        raise EdgesegError("--runs must be at least 1 (or give --duration)")
     pin_to_core(pin_core)
     contract = InputContract.from_dict(config["input_contract"])
     t0 = time.perf_counter()
-    runner = load_runner(folder, device=device, threads=threads)
+    runner = make_runner(folder, config, device=device, threads=threads)
     load_ms = (time.perf_counter() - t0) * 1000
     rgb = np.random.default_rng(0).integers(0, 256, (contract.size, contract.size, 3), dtype=np.uint8)
     x = contract.preprocess(rgb)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 
 
@@ -25,8 +26,18 @@ def test_benchmark_rows_files_and_plots(cli, authors_ckpt, data_root, tmp_path):
     assert header == ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps",
                       "threads", "runtime"]
     assert "| onnx | fp32 | ok |" in (out / "benchmark.md").read_text() and "| onnx | fp32 | ok |" in stdout
-    # A second run reuses the exported artefact of the same checkpoint instead of exporting again.
+    # A second run reuses the exported artefact of the same checkpoint instead of exporting again; --duration
+    # and --pin-core apply to the timing only (the process is unpinned again afterwards).
     before = (out / "onnx-fp32" / "config.json").stat().st_mtime_ns
-    assert cli("benchmark", ckpt, "--targets", "onnx", "--runs", "3", "--warmup", "1", "--out", out,
-               "--data-root", data_root)[0] == 0
+    cores = os.sched_getaffinity(0)
+    try:
+        code, _, err = cli("benchmark", ckpt, "--targets", "onnx", "--duration", "0.2", "--warmup", "1",
+                           "--pin-core", min(cores), "--out", out, "--data-root", data_root)
+        assert code == 0, err
+        assert os.sched_getaffinity(0) == cores
+    finally:
+        os.sched_setaffinity(0, cores)
     assert (out / "onnx-fp32" / "config.json").stat().st_mtime_ns == before
+    rows = json.loads((out / "benchmark.json").read_text())
+    assert rows[0]["status"] == "ok" and len(rows[0]["samples_ms"]) >= 1
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files from the plots

@@ -112,3 +112,45 @@ def test_missing_corrupt_and_runtime_less_artefacts(cli, artefact, tmp_path, mon
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a device without it
     code, _, err = cli("profile", artefact, "--runs", "1")
     assert code == 2 and "pip install edgeseg[runtime-onnx]" in err
+
+
+def test_out_writes_the_whole_record(cli, artefact, tmp_path):
+    out = tmp_path / "records" / "onnx.json"
+    code, stdout, err = cli("profile", artefact, "--runs", "4", "--warmup", "1", "--out", out)
+    assert code == 0, err
+    record = json.loads(out.read_text())
+    assert record["model_only"]["n"] == 4 and len(record["samples_ms"]) == 4
+    assert {k: v for k, v in record.items() if k != "samples_ms"} == json.loads(stdout.strip().splitlines()[-1])
+    assert [p.name for p in out.parent.iterdir()] == ["onnx.json"]  # no temp file left
+
+
+X86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+       "model name\t: AMD EPYC 9654 96-Core Processor\n")
+PI = ("processor\t: 0\nBogoMIPS\t: 108.00\nCPU part\t: 0xd08\n\nHardware\t: BCM2835\nRevision\t: c03114\n"
+      "Model\t\t: Raspberry Pi 4 Model B Rev 1.4\n")
+
+
+@pytest.mark.parametrize("cpuinfo, name", [(X86, "AMD EPYC 9654 96-Core Processor"),
+                                           (PI, "Raspberry Pi 4 Model B Rev 1.4"),
+                                           ("processor\t: 0\nmodel\t\t: 17\n", "fallback")],
+                         ids=["x86", "raspberry-pi", "no-model-name"])
+def test_cpu_is_the_model_name_not_the_model_number(monkeypatch, cpuinfo, name):
+    import platform
+
+    from edgeseg import profiling
+
+    real_read = profiling._read
+    monkeypatch.setattr(profiling, "_read", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_read(p))
+    monkeypatch.setattr(platform, "processor", lambda: "fallback")
+    assert profiling.system_info()["cpu"] == name
+
+
+def test_cpu_on_this_machine():
+    from edgeseg.profiling import system_info
+
+    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == "model name"]
+    cpu = system_info()["cpu"]
+    assert cpu is None or not cpu.isdigit()
+    if names:
+        assert cpu == names[0]

@@ -25,13 +25,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import ParityFailure
+from edgeseg.fileio import check_output, file_sha256
 from edgeseg.targets import Target, get_target
 
-__all__ = ["export", "load_runner", "backend_module", "require_runtime", "ExportResult", "ParityFailure"]
+__all__ = ["export", "load_runner", "open_artefact", "make_runner", "read_config", "check_config", "backend_module",
+           "require_runtime", "ExportResult", "ParityFailure"]
 
 log = logging.getLogger(__name__)
 ARTEFACT_FORMAT, ARTEFACT_FORMAT_VERSION = "edgeseg-artefact", 1
@@ -95,26 +98,173 @@ def _missing(pkg: str) -> bool:
 
 def load_runner(path: str | os.PathLike, device: str | None = None, threads: int | None = None):
     """The runner of an artefact folder (or its model file), through the backend recorded in config.json.
-    ``threads`` overrides the target's profile default."""
+    ``threads`` overrides the target's profile default.
+
+    This is where an artefact is opened: config.json and the model files are checked by :func:`read_config`,
+    and a runtime that cannot read or compile the model file (truncated, replaced, another format) raises an
+    EdgesegError naming the file, never the runtime's own exception.
+    """
+    return make_runner(*open_artefact(path), device=device, threads=threads)
+
+
+def open_artefact(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(folder, checked config.json) of an artefact folder or of a file in it; see :func:`read_config`."""
     path = Path(path)
+    if not path.exists():
+        raise EdgesegError(f"artefact {path} does not exist")
     folder = path if path.is_dir() else path.parent
-    config = read_config(folder)
+    return folder, read_config(folder)
+
+
+def make_runner(folder: Path, config: dict, device: str | None = None, threads: int | None = None):
+    """The runner of the artefact in ``folder`` whose config.json :func:`read_config` returned as ``config``
+    (split from :func:`load_runner` so that a caller can time the runtime's load and compile alone)."""
     target = get_target(config["target"])
     try:
-        return backend_module(target).load_runner(folder / config["artefact"], target, device=device, threads=threads)
-    except ModuleNotFoundError as e:  # a device with only some runtimes installed
-        raise EdgesegError(f"{folder} is a {target.id} artefact, whose runtime needs the Python package "
-                           f"{e.name!r}: pip install edgeseg[runtime-{target.backend}]") from None
+        return backend_module(target).load_runner(folder / config["artefact"], target, device=device,
+                                                  threads=threads)
+    except EdgesegError:
+        raise
+    except ImportError as e:  # a device with only some runtimes installed
+        missing = f"the Python package {e.name!r}" if e.name else f"a package it cannot import ({e})"
+        raise EdgesegError(f"{folder} is a {target.id} artefact, whose runtime needs {missing}: "
+                           f"pip install edgeseg[runtime-{target.backend}]") from None
+    except Exception as e:
+        if not _is_load_error(e):
+            raise
+        raise EdgesegError(f"{folder}: the {target.backend} runtime cannot load {' + '.join(config['model_files'])} "
+                           f"({_first_line(e)}); the artefact is damaged or incomplete: export it again "
+                           "(edgeseg export)") from e
 
 
-def read_config(folder: Path) -> dict:
+def _is_load_error(e: Exception) -> bool:
+    """An exception of a runtime failing to read or compile a model file: OpenVINO's RuntimeError, LiteRT's
+    ValueError/RuntimeError, an OSError, or any of ONNX Runtime's own exception types (they derive from
+    Exception only)."""
+    return isinstance(e, (RuntimeError, ValueError, OSError)) or type(e).__module__.split(".")[0] in (
+        "onnxruntime", "openvino", "ai_edge_litert", "tflite_runtime", "tensorrt")
+
+
+def _first_line(e: Exception) -> str:
+    """The runtime's message on one line: OpenVINO's source locations ("Exception from ...", "Check '...'
+    failed at ...") left out, at most 200 characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    told = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    text = (told or lines or [type(e).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# config.json keys every consumer relies on, with their types; backend_config keys a backend reads.
+_CONFIG_KEYS = {"target": str, "precision": str, "artefact": str, "model_files": list, "model": str,
+                "checkpoint": dict, "input_contract": dict, "input": dict, "backend_config": dict}
+_BACKEND_CONFIG_KEYS = {"openvino": {"compile": dict, "deploy_device": str}}
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """config.json of an artefact folder, checked: valid JSON, an edgeseg artefact of a known format version,
+    every field the loaders use present with the right type, a known target and precision, and every model
+    file it lists present, non-empty, inside the folder and (where config.json records them, as every export
+    since the field was added does) matching its sha256. Anything else is an EdgesegError that says to export
+    again."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgesegError(f"artefact {folder} does not exist" if not folder.exists() else
+                           f"{folder} is not an edgeseg artefact folder")
+    where = folder / "config.json"
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise EdgesegError(f"{folder} is not an edgeseg artefact folder (no readable config.json)") from None
-    if config.get("format") != ARTEFACT_FORMAT:
-        raise EdgesegError(f"{folder}/config.json is not an edgeseg artefact config")
+    config = check_config(config, where)
+    files, hashes = config["model_files"], config.get("model_sha256")
+    for name in files:
+        f = folder / name
+        if not f.is_file():
+            raise EdgesegError(f"{folder}: model file {name} (listed in config.json) is missing; the artefact is "
+                               "incomplete: export it again (edgeseg export)")
+        if f.stat().st_size == 0:
+            raise EdgesegError(f"{folder}: model file {name} is empty; the artefact is damaged: export it again "
+                               "(edgeseg export)")
+        if hashes is not None and file_sha256(f) != hashes[name].lower():
+            raise EdgesegError(f"{folder}: model file {name} does not match the sha256 in config.json (truncated "
+                               "or changed since export); export it again (edgeseg export)")
     return config
+
+
+def check_config(config, where) -> dict:
+    """The one schema of an artefact's config.json (parsed): an edgeseg artefact of a known format version, every
+    field a loader or a bundle uses present with the right type, a known target and precision, model files named
+    inside the folder. ``where`` names the file in messages."""
+    if not isinstance(config, dict) or config.get("format") != ARTEFACT_FORMAT:
+        raise EdgesegError(f"{where} is not an edgeseg artefact config")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        _bad_config(where, "has no valid format_version")
+    if version > ARTEFACT_FORMAT_VERSION:
+        raise EdgesegError(f"{where} is artefact format {version}, newer than this edgeseg {__version__} reads "
+                           f"({ARTEFACT_FORMAT_VERSION}); upgrade edgeseg or export again with this version")
+    for key, kind in _CONFIG_KEYS.items():
+        if not isinstance(config.get(key), kind):
+            _bad_config(where, f"field {key!r} is missing or not a {_TYPE_NAMES[kind]}")
+    try:
+        target = get_target(config["target"])
+    except EdgesegError:
+        _bad_config(where, f"unknown target {config['target']!r}")
+    if config["precision"] not in target.precisions:
+        _bad_config(where, f"precision {config['precision']!r} is not one of {target.id}'s "
+                    f"({', '.join(target.precisions)})")
+    for key, kind in _BACKEND_CONFIG_KEYS.get(target.backend, {}).items():
+        if not isinstance(config["backend_config"].get(key), kind):
+            _bad_config(where, f"field 'backend_config.{key}' is missing or not a {_TYPE_NAMES[kind]}")
+    if not isinstance(config["checkpoint"].get("sha256"), str):
+        _bad_config(where, "field 'checkpoint.sha256' is missing")
+    shape = config["input"].get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4):
+        _bad_config(where, "field 'input.shape' is not a 4-item list")
+    _check_contract(where, config["input_contract"])
+    files = config["model_files"]
+    if not files or not all(isinstance(f, str) and _plain_name(f) for f in files):
+        _bad_config(where, "field 'model_files' must list file names inside the artefact folder")
+    if config["artefact"] not in files:
+        _bad_config(where, f"the model file {config['artefact']!r} is not in model_files")
+    hashes = config.get("model_sha256")  # absent in artefacts exported before edgeseg recorded it
+    if hashes is not None and not (isinstance(hashes, dict) and set(hashes) == set(files)
+                                   and all(isinstance(h, str) for h in hashes.values())):
+        _bad_config(where, "field 'model_sha256' does not list one sha256 per model file")
+    versions = config.get("runtime_versions", {})
+    if not (isinstance(versions, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items())):
+        _bad_config(where, "field 'runtime_versions' is not an object of package -> version")
+    if not (config.get("calibration") is None or isinstance(config["calibration"], dict)):
+        _bad_config(where, "field 'calibration' is neither null nor an object")
+    return config
+
+
+_TYPE_NAMES = {str: "string", list: "list", dict: "JSON object", int: "integer"}
+
+
+def _bad_config(where: Path, problem: str) -> NoReturn:
+    raise EdgesegError(f"{where}: {problem}; the artefact config is damaged: export it again (edgeseg export)")
+
+
+def _plain_name(name: str) -> bool:
+    """A file name directly inside the folder: not empty, hidden, '..', absolute or with a separator."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def _check_contract(where: Path, d: dict) -> None:
+    from edgeseg.contract import InputContract
+
+    try:
+        c = InputContract.from_dict(d)
+    except (TypeError, ValueError):
+        _bad_config(where, "field 'input_contract' is not a valid input contract")
+    norm = [v for v in (c.mean, c.std) if v is not None]
+    ok = (isinstance(c.size, int) and not isinstance(c.size, bool) and c.size > 0 and c.size % 32 == 0
+          and all(len(v) == 3 for v in norm) and (c.mean is None) == (c.std is None)
+          and all(s != 0 for s in (c.std or ())) and isinstance(c.scale, (int, float)) and c.scale > 0
+          and isinstance(c.threshold, (int, float)) and 0 < c.threshold < 1)
+    if not ok:
+        _bad_config(where, f"field 'input_contract' is not a valid input contract ({json.dumps(d)[:120]})")
 
 
 def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.PathLike, *,
@@ -131,14 +281,13 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
     from edgeseg.checkpoint import DEFAULT_MODEL, load_model
     from edgeseg.data.splits import resolve_data_root
     from edgeseg.export.parity import budget, resolve_parity_ids
-    from edgeseg.fileio import file_sha256
 
     target = get_target(target_id)
     precision = target.resolve_precision(precision)
     _check_options(target, precision, calib, max_dice_drop, max_delta)
     backend = backend_module(target)
     require_runtime(target)
-    out = Path(out)
+    out = check_output(out, "folder", what="the artefact folder")
     _check_out(out)
     model, contract, ckpt = load_model(checkpoint)
     root = resolve_data_root(data_root)
@@ -278,11 +427,13 @@ def _config(target, precision, artefact, ckpt, contract, provenance, manifest, p
     from edgeseg.checkpoint import git_sha
 
     s = contract.size
+    files = sorted(p.name for p in artefact.parent.iterdir() if not p.name.startswith(".") and p.is_file())
     return {
         "format": ARTEFACT_FORMAT, "format_version": ARTEFACT_FORMAT_VERSION,
         "target": target.id, "backend": target.backend, "device": target.device, "precision": precision,
         "artefact": artefact.name,
-        "model_files": sorted(p.name for p in artefact.parent.iterdir() if not p.name.startswith(".")),
+        "model_files": files,
+        "model_sha256": {name: file_sha256(artefact.parent / name) for name in files},  # checked at every load
         "model": ckpt["model"], "model_kwargs": ckpt.get("model_kwargs", {}),
         "checkpoint": {"file": provenance["checkpoint"], "sha256": provenance["checkpoint_sha256"]},
         "input_contract": contract.to_dict(),
