@@ -42,7 +42,7 @@ def test_bundle_holds_everything_and_selftest_passes(cli, bundle):
     names = set(_members(bundle))
     assert {"model.onnx", "config.json", "parity.json", "manifest.json", "golden/input.png", "golden/logits.npy"} <= names
     code, out, _ = cli("verify", bundle)
-    assert code == 0 and "verified 5 files" in out
+    assert code == 0 and "verified 5 files" in out and "unsigned: integrity only" in out
     code, out, _ = cli("selftest", bundle, "--target", "onnx")
     assert code == 0 and out.startswith("PASS onnx fp32")
 
@@ -68,13 +68,14 @@ def test_any_changed_byte_is_refused(cli, bundle, tmp_path):
 
 
 @pytest.mark.parametrize("name, kind", [("../evil.sh", tarfile.REGTYPE), ("/etc/evil", tarfile.REGTYPE),
-                                        ("link", tarfile.SYMTYPE)])
+                                        ("link", tarfile.SYMTYPE), ("hard", tarfile.LNKTYPE),
+                                        ("fifo", tarfile.FIFOTYPE), ("tty", tarfile.CHRTYPE)])
 def test_unsafe_members_are_refused(cli, bundle, tmp_path, name, kind):
     info = tarfile.TarInfo(name)
     info.type = kind
-    if kind == tarfile.SYMTYPE:
+    if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
         info.linkname = "/etc/passwd"
-    else:
+    elif kind == tarfile.REGTYPE:
         info.size = 1
     _repack(tmp_path / "evil.tar.gz", _members(bundle), extra=[info])
     code, _, err = cli("verify", tmp_path / "evil.tar.gz")
