@@ -20,6 +20,20 @@ from edgeseg.errors import EdgesegError
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Train, evaluate and deploy tiny polyp-segmentation networks.")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from edgeseg import __version__
+
+        typer.echo(f"edgeseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the edgeseg version and exit.")] = False):
+    """Train, evaluate and deploy tiny polyp-segmentation networks."""
+
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Data folder (default: $EDGESEG_DATA, "
                                                      "then ../shared/data).")]
 CkptArg = Annotated[Optional[Path], typer.Argument(help="edgeseg checkpoint (default: the shipped model).")]
@@ -38,7 +52,8 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(help="Torch threads (0 = defa
 WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="On-disk cache of decoded samples.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Refuse non-binary masks.")]
-OutOpt = Annotated[Path, typer.Option(help="Run folder (last.pt, best.pt, metrics.csv, curves.png).")]
+OutOpt = Annotated[Path, typer.Option(help="Run folder (last.pt, best.pt, metrics.csv, curves.png); one that "
+                                      "already holds a run is refused without --resume, and locked while in use.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")]
 
 
@@ -74,7 +89,14 @@ def train(
     out: OutOpt = Path("runs/train"),
     resume: ResumeOpt = False,
 ):
-    """Train a model; writes last.pt every epoch and best.pt by validation mDice."""
+    """Train a model; writes last.pt every epoch and best.pt by validation mDice.
+
+    Examples:
+
+        edgeseg train --model ultraseg-108k --epochs 100 --out runs/ultraseg
+        edgeseg train --model ultraseg-108k --epochs 100 --out runs/ultraseg --resume
+        edgeseg train --model microaunet --train-split seeded:kvasir-seg:4:42:train --out runs/micro
+    """
     _train(recipe, resume, cache_dir, data_root, strict, out, model=model, train_split=train_split,
            val_split=val_split, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
            size=size, compile=compile, bf16=bf16, threads=threads, workers=workers)
@@ -106,7 +128,13 @@ def distill(
     out: OutOpt = Path("runs/distill"),
     resume: ResumeOpt = False,
 ):
-    """Distil a frozen teacher into a student; checkpoints hold only the student (EMA in stage 2)."""
+    """Distil a frozen teacher into a student; checkpoints hold only the student (EMA in stage 2).
+
+    Examples:
+
+        edgeseg distill --teacher runs/ultraseg/best.pt --student microaunet --out runs/kd
+        edgeseg distill --teacher runs/ultraseg/best.pt --recipe kdas --tau 4 --out runs/kdas
+    """
     from edgeseg.config import DistillConfig
     from edgeseg.distill import RECIPES
 
@@ -127,11 +155,22 @@ def evaluate(
     overlays: Annotated[Optional[Path], typer.Option(help="Write overlays of the worst cases here.")] = None,
     data_root: DataRootOpt = None,
 ):
-    """Evaluate a checkpoint on a split: table on stdout, JSON and worst-case overlays on request."""
+    """Evaluate a checkpoint on a split: table on stdout, JSON and worst-case overlays on request.
+
+    Examples:
+
+        edgeseg evaluate --split pranet-test-kvasir
+        edgeseg evaluate runs/ultraseg/best.pt --split pranet-test-cvc-clinicdb --json cvc.json --overlays worst/
+    """
     from edgeseg.checkpoint import load_model
     from edgeseg.data import read_split, resolve_data_root
     from edgeseg.evaluate import evaluate_split, torch_logits_fn, write_json_atomic
+    from edgeseg.fileio import check_output
 
+    if json_out is not None:
+        check_output(json_out, "file", "--json")
+    if overlays is not None:
+        check_output(overlays, "folder", "--overlays")
     model, contract, ckpt = load_model(checkpoint)
     root = resolve_data_root(data_root)
     result = evaluate_split(torch_logits_fn(model), contract, root, read_split(split, root), overlays=overlays)
@@ -143,7 +182,12 @@ def evaluate(
 
 @app.command()
 def models():
-    """List the model zoo with parameter counts and MACs at 256x256."""
+    """List the model zoo with parameter counts and MACs at 256x256.
+
+    Examples:
+
+        edgeseg models
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -162,7 +206,12 @@ def import_weights(
     weights: Annotated[Path, typer.Argument(help="The released state_dict (.pth).")],
     out: Annotated[Path, typer.Option(help="edgeseg checkpoint to write.")],
 ):
-    """Convert released UltraSeg weights into an edgeseg checkpoint (explicit key map, strict load)."""
+    """Convert released UltraSeg weights into an edgeseg checkpoint (explicit key map, strict load).
+
+    Examples:
+
+        edgeseg import-weights ultraseg-130k ultraseg-130k-authors.pth --out ultraseg-130k.pt
+    """
     from edgeseg.models.authors import import_released
 
     typer.echo(import_released(model, weights, out))
@@ -174,9 +223,17 @@ def predict(
     source: Annotated[Path, typer.Argument(help="Image, folder of images, or video.")],
     out: Annotated[Path, typer.Option(help="Output folder: masks, overlays (or videos), latency.csv.")] = Path("pred"),
 ):
-    """Segment an image, a folder or a video with a checkpoint or an artefact."""
+    """Segment an image, a folder or a video with a checkpoint or an artefact.
+
+    Examples:
+
+        edgeseg predict art/openvino-cpu frames/ --out pred/
+        edgeseg predict runs/ultraseg/best.pt clip.mp4 --out pred-clip/
+    """
+    from edgeseg.fileio import check_output
     from edgeseg.predict import predict_path
 
+    check_output(out, "folder")
     logits_fn, contract = _load_for_inference(model)
     summary = predict_path(logits_fn, contract, source, out)
     typer.echo(f"{summary['frames']} frame(s), model p50 {summary['infer_ms_p50']:.2f} ms, end-to-end "
@@ -193,11 +250,26 @@ def profile(
     duration: Annotated[Optional[float], typer.Option(help="Time for this many seconds instead of --runs.")] = None,
     end_to_end: Annotated[Optional[Path], typer.Option(help="Also time decode..overlay on this video/folder.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Runtime device (default: the artefact's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the JSON record, with every sample, to this "
+                                                "file.")] = None,
 ):
-    """Latency of an artefact on this machine: a table, then one JSON object as the last stdout line."""
-    from edgeseg.profiling import profile_artefact
+    """Latency of an artefact on this machine: a table, then one JSON object as the last stdout line.
 
+    Examples:
+
+        edgeseg profile art/openvino-cpu
+        edgeseg profile art/openvino-cpu --threads 1 --pin-core 2 --warmup 50 --runs 500
+        edgeseg profile art/onnx --duration 10 --end-to-end clip.mp4 --out profile.json
+    """
+    from edgeseg.fileio import check_output, write_atomic
+    from edgeseg.profiling import check_timing_options, profile_artefact
+
+    check_timing_options(runs, warmup, duration, threads, pin_core)
+    if out is not None:
+        check_output(out)
     r = profile_artefact(artefact, threads, pin_core, warmup, runs, duration, end_to_end, device)
+    if out is not None:
+        write_atomic(out, json.dumps(r, indent=2, default=str) + "\n")
     rows = [("model only", r["model_only"])] + ([("end to end", r["end_to_end"])] if "end_to_end" in r else [])
     for label, s in rows:
         typer.echo(f"{label:11} p50 {s['p50_ms']:.3f} ms  p90 {s['p90_ms']:.3f}  p99 {s['p99_ms']:.3f}  max "
@@ -208,55 +280,121 @@ def profile(
     typer.echo(json.dumps({k: v for k, v in r.items() if k != "samples_ms"}, default=str))
 
 
+PubkeyOpt = Annotated[Optional[Path], typer.Option(help="Ed25519 public key (KEY.pub from `edgeseg keygen`): "
+                                                   "refuse a bundle not signed with it.")]
+BundleArg = Annotated[Path, typer.Argument(help="Bundle (.tar.gz).")]
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option(help="Private key to write (PEM, mode 0600); the public key goes to OUT.pub.")],
+):
+    """Make an Ed25519 key pair for `bundle --sign` and `verify/selftest/unpack --pubkey`; never overwrites.
+
+    Examples:
+
+        edgeseg keygen --out keys/unit          # keys/unit (private, 0600) and keys/unit.pub
+    """
+    from edgeseg.bundle import generate_key
+
+    private, public, fingerprint = generate_key(out)
+    typer.echo(f"private key {private} (keep it on the signing host), public key {public} (sha256 {fingerprint})")
+
+
 @app.command()
 def bundle(
     artefact: Annotated[Path, typer.Argument(help="Exported artefact folder (with parity.json).")],
     out: Annotated[Path, typer.Option(help="Bundle to write (.tar.gz).")],
     golden: Annotated[Optional[Path], typer.Option(help="Golden frame (default: the first parity frame).")] = None,
+    sign: Annotated[Optional[Path], typer.Option(help="Sign with this Ed25519 private key (`edgeseg keygen`).")] = None,
     data_root: DataRootOpt = None,
 ):
-    """Pack an artefact, its contract, parity record, a golden input/output and a sha256 manifest."""
-    from edgeseg.bundle import make_bundle, manifest_sha256
+    """Pack an artefact that passed its parity gate, its contract, parity record, a golden input/output and a
+    sha256 manifest (signed with --sign).
+
+    Examples:
+
+        edgeseg bundle art/openvino-cpu --out unit.tar.gz --sign keys/unit
+    """
+    from edgeseg.bundle import check_out, load_private_key, make_bundle, read_artefact, read_bundle
     from edgeseg.data.io import read_rgb
 
+    key = load_private_key(sign) if sign is not None else None
+    check_out(out)
+    _, parity = read_artefact(artefact)
     if golden is None:
         from edgeseg.data.splits import image_path, resolve_data_root
 
-        parity = json.loads((artefact / "parity.json").read_text()) if (artefact / "parity.json").is_file() else {}
-        if not parity.get("ids"):
+        if not parity["ids"]:
             raise EdgesegError(f"{artefact} has no parity frames recorded; pass --golden IMAGE")
         golden = image_path(resolve_data_root(data_root), parity["ids"][0])
-    path = make_bundle(artefact, out, read_rgb(golden))
-    typer.echo(f"{path} (manifest sha256 {manifest_sha256(path)})")
+    path = make_bundle(artefact, out, read_rgb(golden), key)
+    written = read_bundle(path, key.public_key() if key is not None else None)
+    typer.echo(f"{path} (manifest sha256 {written.manifest_sha256}), {written.authenticity}")
 
 
 @app.command()
 def verify(
-    bundle_file: Annotated[Path, typer.Argument(help="Bundle (.tar.gz).")],
+    bundle_file: BundleArg,
     manifest_sha256: Annotated[Optional[str], typer.Option(help="Also require this manifest sha256.")] = None,
+    pubkey: PubkeyOpt = None,
 ):
-    """Check every file's sha256 against the manifest, offline; any change exits 2."""
-    from edgeseg.bundle import manifest_sha256 as digest
-    from edgeseg.bundle import read_bundle
+    """Check the archive, the manifest and every file's sha256 offline (and the signature with --pubkey);
+    any change exits 2.
 
-    manifest, files = read_bundle(bundle_file)
-    if manifest_sha256 is not None and digest(bundle_file) != manifest_sha256.lower():
-        raise EdgesegError(f"{bundle_file}: manifest sha256 {digest(bundle_file)} is not the expected {manifest_sha256}")
-    typer.echo(f"verified {len(files)} files: {manifest['target']} {manifest['precision']} {manifest['model']}, "
-               f"edgeseg {manifest['edgeseg_version']}")
+    Examples:
+
+        edgeseg verify unit.tar.gz --pubkey keys/unit.pub
+    """
+    from edgeseg.bundle import load_public_key, read_bundle
+
+    b = read_bundle(bundle_file, load_public_key(pubkey) if pubkey is not None else None)
+    if manifest_sha256 is not None and b.manifest_sha256 != manifest_sha256.lower():
+        raise EdgesegError(f"{bundle_file}: manifest sha256 {b.manifest_sha256} is not the expected {manifest_sha256}")
+    m = b.manifest
+    typer.echo(f"verified {len(b.files)} files: {m['target']} {m['precision']} {m['model']}, "
+               f"edgeseg {m['edgeseg_version']}")
+    typer.echo(b.authenticity)
+
+
+@app.command()
+def unpack(
+    bundle_file: BundleArg,
+    dest: Annotated[Path, typer.Argument(help="New or empty folder to write the files into.")],
+    pubkey: PubkeyOpt = None,
+):
+    """Verify a bundle, then write only its manifest's files (and the manifest) into DEST, a new or empty
+    folder; no tar needed.
+
+    Examples:
+
+        edgeseg unpack unit.tar.gz unit/ --pubkey keys/unit.pub
+    """
+    from edgeseg.bundle import load_public_key, unpack_bundle
+
+    b, folder = unpack_bundle(bundle_file, dest, load_public_key(pubkey) if pubkey is not None else None)
+    typer.echo(f"unpacked {len(b.files)} files into {folder}; {b.authenticity}")
 
 
 @app.command()
 def selftest(
-    bundle_file: Annotated[Path, typer.Argument(help="Bundle (.tar.gz).")],
+    bundle_file: BundleArg,
     target: Annotated[Optional[str], typer.Option(help="The target this device runs; other bundles are refused.")] = None,
+    pubkey: PubkeyOpt = None,
 ):
-    """On the device: verify, load with the runtime, run the golden input, print PASS or FAIL (exit 1)."""
+    """On the device: verify, load with the runtime, run the golden input, print PASS or FAIL (exit 1).
+
+    Examples:
+
+        edgeseg selftest unit.tar.gz --target openvino-cpu --pubkey keys/unit.pub
+    """
+    from edgeseg.bundle import load_public_key
     from edgeseg.bundle import selftest as run_selftest
 
-    r = run_selftest(bundle_file, target)
+    r = run_selftest(bundle_file, target, load_public_key(pubkey) if pubkey is not None else None)
     typer.echo(f"{'PASS' if r['passed'] else 'FAIL'} {r['target']} {r['precision']}: mask agreement "
                f"{r['mask_agreement']:.5f}, max |logit diff| {r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance']})")
+    typer.echo(r["authenticity"])
     if not r["passed"]:
         raise typer.Exit(1)
 
@@ -270,12 +408,23 @@ def benchmark(
     runs: Annotated[int, typer.Option(help="Timed runs per artefact.")] = 200,
     warmup: Annotated[int, typer.Option(help="Warm-up runs per artefact.")] = 20,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: each target's).")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Time each artefact for this many seconds instead "
+                                                      "of --runs.")] = None,
+    pin_core: Annotated[Optional[int], typer.Option(help="Pin the timing (not the exports) to this CPU "
+                                                    "core.")] = None,
     data_root: DataRootOpt = None,
 ):
-    """Export, parity-check and profile every target this host can run; table + Pareto plot."""
+    """Export, parity-check and profile every target this host can run; table + Pareto plot.
+
+    Examples:
+
+        edgeseg benchmark --targets all --out bench/
+        edgeseg benchmark runs/ultraseg/best.pt --targets onnx,openvino-cpu --runs 100 --warmup 10 --out bench/
+    """
     from edgeseg.benchmark import markdown, run_benchmark
 
-    rows = run_benchmark(checkpoint, targets.split(","), out, data_root, calib, runs, warmup, threads)
+    rows = run_benchmark(checkpoint, targets.split(","), out, data_root, calib, runs, warmup, threads, duration,
+                         pin_core)
     typer.echo(markdown(rows))
 
 
@@ -284,7 +433,13 @@ def setup(
     what: Annotated[str, typer.Argument(help="tflite (the isolated litert-torch converter env) | aarch64 "
                                              "(the emulated Raspberry Pi sysroot for parity checks)")],
 ):
-    """One-time installs that do not belong in the main environment (explicit, never at export time)."""
+    """One-time installs that do not belong in the main environment (explicit, never at export time).
+
+    Examples:
+
+        edgeseg setup tflite
+        edgeseg setup aarch64
+    """
     if what == "tflite":
         from edgeseg.export.tflite import setup_litert_env
 
@@ -302,10 +457,11 @@ def _load_for_inference(path: Path):
     from edgeseg.contract import InputContract
 
     folder = path if path.is_dir() else path.parent
-    if (folder / "config.json").is_file():
-        from edgeseg.export import load_runner, read_config
+    if path.is_dir() or (folder / "config.json").is_file():
+        from edgeseg.export import make_runner, open_artefact
 
-        return load_runner(folder), InputContract.from_dict(read_config(folder)["input_contract"])
+        folder, config = open_artefact(path)
+        return make_runner(folder, config), InputContract.from_dict(config["input_contract"])
     from edgeseg.checkpoint import load_model
     from edgeseg.evaluate import torch_logits_fn
 
@@ -362,7 +518,12 @@ app.add_typer(calib_app, name="calib")
 
 @app.command()
 def targets():
-    """List the deployment targets (one targets/<id>.toml each); * marks the default precision."""
+    """List the deployment targets (one targets/<id>.toml each); * marks the default precision.
+
+    Examples:
+
+        edgeseg targets
+    """
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -386,7 +547,12 @@ def calib_make(
     out: Annotated[Path, typer.Option(help="Manifest to write (calibration/NAME.json).")] = ...,
     data_root: DataRootOpt = None,
 ):
-    """Write a calibration manifest: image ids + sha256 + source split (never the images)."""
+    """Write a calibration manifest: image ids + sha256 + source split (never the images).
+
+    Examples:
+
+        edgeseg calib make --split pranet-train --n 300 --out calibration/my-300.json
+    """
     from edgeseg.calibration import make_manifest, write_manifest
     from edgeseg.data import resolve_data_root
 
@@ -410,7 +576,14 @@ def export_artefact(
     out: Annotated[Path, typer.Option(help="Artefact folder to write.")] = ...,
     data_root: DataRootOpt = None,
 ):
-    """Export a checkpoint for a target and gate it on parity with PyTorch (exit 3 when over budget)."""
+    """Export a checkpoint for a target and gate it on parity with PyTorch (exit 3 when over budget).
+
+    Examples:
+
+        edgeseg export --target openvino-cpu --out art/openvino-cpu
+        edgeseg export runs/ultraseg/best.pt --target onnx --out art/onnx
+        edgeseg export --target openvino-cpu --precision int8 --calib calibration/pranet-train-300.json --out ov-int8
+    """
     from edgeseg.export import ParityFailure, export
     from edgeseg.export.parity import summary_line
 
@@ -436,7 +609,12 @@ def build_engine_cmd(
                                                      "TensorRT's).")] = None,
 ):
     """On the Jetson: build model.engine + model.engine.json from the artefact's ONNX and run its golden check
-    (exit 1 on FAIL)."""
+    (exit 1 on FAIL).
+
+    Examples:
+
+        edgeseg build-engine art/tensorrt-jetson --timing-cache trt-timing.cache
+    """
     from edgeseg.export.tensorrt_engine import build_engine
 
     r = build_engine(artefact, timing_cache=timing_cache, workspace_mb=workspace)

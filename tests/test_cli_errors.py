@@ -141,3 +141,38 @@ def test_evaluate_writes_json_and_overlays(cli, root, tmp_path):
     assert len(list((tmp_path / "ov").glob("*.png"))) == 4
     assert "mdice" in out
     assert np.isfinite(r["acc"])
+
+
+def test_version(cli):
+    from edgeseg import __version__
+
+    code, out, err = cli("--version")
+    assert code == 0 and out.strip() == f"edgeseg {__version__}", err
+
+
+def _leaf_commands(group, path=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a command group (typer may ship its own click)
+            yield from _leaf_commands(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+def test_every_command_help_shows_examples_that_parse(cli):
+    """Each command's --help has an Examples: block; every example names that command and parses with its
+    options (unknown options, missing required ones or bad values fail here)."""
+    import shlex
+
+    import typer.main
+
+    from edgeseg.cli import app
+
+    for path, cmd in _leaf_commands(typer.main.get_command(app)):
+        code, out, err = cli(*path, "--help")
+        assert code == 0 and "Examples:" in out, f"edgeseg {' '.join(path)} --help: {out}{err}"
+        block = (cmd.help or "").split("Examples:", 1)[1]
+        examples = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+        assert examples, path
+        for words in examples:
+            assert words[:1 + len(path)] == ["edgeseg", *path], words
+            cmd.make_context(" ".join(path), words[1 + len(path):])
