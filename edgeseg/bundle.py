@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
-from edgeseg.fileio import atomic_path, check_output
+from edgeseg.fileio import atomic_path, check_output, current_umask, default_file_mode, make_folder
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION = "edgeseg-bundle", 1
@@ -97,27 +97,18 @@ def generate_key(out: str | os.PathLike) -> tuple[Path, Path, str]:
     for p in (private, public):
         if os.path.lexists(p):
             raise EdgesegError(f"{p} exists; refusing to overwrite a key (choose another --out)")
-    try:
-        private.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgesegError(f"cannot write {private}: {e.strerror or e} (is a file on the way to it?)") from None
+    make_folder(private.parent, f"the folder of {private}")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     _write_new(private, pem, 0o600)
     try:
-        _write_new(public, pub, 0o644 & ~_umask())
+        _write_new(public, pub, default_file_mode())
     except EdgesegError:
         private.unlink()
         raise
     return private, public, key_fingerprint(key.public_key())
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -630,7 +621,7 @@ def manifest_sha256(path: str | os.PathLike) -> str:
 
 def _write_tree(files: dict[str, bytes], dest: Path) -> None:
     """Write verified files (names already checked: plain, relative, no clashes) under the folder ``dest``."""
-    mode = 0o666 & ~_umask()
+    mode = default_file_mode()
     for name, data in sorted(files.items()):
         target = dest.joinpath(*PurePosixPath(name).parts)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -659,7 +650,7 @@ def unpack_bundle(path: str | os.PathLike, dest: str | os.PathLike,
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
         extra = {MANIFEST: bundle.manifest_bytes, **({SIGNATURE: bundle.signature} if bundle.signature else {})}
         _write_tree({**bundle.files, **extra}, tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         os.rename(tmp, dest)  # replaces only an empty folder; fails if files appeared there meanwhile
         tmp = None
     except OSError as e:

@@ -13,10 +13,15 @@ from typing import Iterator
 from edgeseg.errors import EdgesegError
 
 
-def _default_mode() -> int:
+def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def default_file_mode() -> int:
+    """The permissions a newly created file gets here (0o666 less the umask)."""
+    return 0o666 & ~current_umask()
 
 
 def make_folder(folder: str | os.PathLike, what: str = "the output folder") -> Path:
@@ -47,7 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
         os.close(fd)
         yield Path(tmp)
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except OSError as e:
         raise EdgesegError(f"cannot write {path}: {e.strerror or e}") from None

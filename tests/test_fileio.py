@@ -30,6 +30,12 @@ def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["curves.png"]
 
 
-def test_unwritable_folder_is_one_edgeseg_error(tmp_path):
-    with pytest.raises(EdgesegError, match="cannot write .*missing.*x.json"):
-        write_atomic(tmp_path / "missing" / "x.json", "data")
+def test_missing_folder_is_made_and_a_blocked_one_is_one_edgeseg_error(tmp_path):
+    assert write_atomic(tmp_path / "missing" / "x.json", "data").read_text() == "data"
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(EdgesegError, match="cannot create the folder of .*file/x.json.*a file of that name"):
+        write_atomic(tmp_path / "file" / "x.json", "data")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(EdgesegError, match="cannot write .*folder.json"):
+        write_atomic(tmp_path / "folder.json", "data")
+    assert (tmp_path / "file").read_text() == "in the way" and not list((tmp_path / "folder.json").iterdir())

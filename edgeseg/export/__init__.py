@@ -30,7 +30,7 @@ from typing import NoReturn
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import ParityFailure
-from edgeseg.fileio import check_output, file_sha256
+from edgeseg.fileio import check_output, current_umask, file_sha256
 from edgeseg.targets import Target, get_target
 
 __all__ = ["export", "load_runner", "open_artefact", "make_runner", "read_config", "check_config", "backend_module",
@@ -360,9 +360,7 @@ class _staging:
 def _commit(tmp: Path, dest: Path) -> Path:
     """Rename ``tmp`` to ``dest``, replacing an earlier artefact folder there."""
     _check_out(dest)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the artefact is an ordinary folder
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it private; the artefact is an ordinary folder
     backup = None
     if dest.exists():
         backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
