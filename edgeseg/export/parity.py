@@ -99,4 +99,4 @@ def summary_line(target_id: str, precision: str, p: dict) -> str:
     return (f"{target_id} {precision}: delta {p['delta']:+.5f} (budget {p['budget']}) mdice_ref "
             f"{p['mdice_ref']:.4f} mdice {p['mdice']:.4f} worst_image_drop {p['worst_image_drop']:.4f} "
             f"pixel_agreement {p['pixel_agreement']:.5f} max_abs_logit_diff {p['max_abs_logit_diff']:.3g} "
-            f"on {p['n_images']} images")
+            f"on {p['n_images']} images" + (f", f16 {f16}" if (f16 := p.get("runtime", {}).get("f16")) else ""))
