@@ -416,8 +416,8 @@ def load_runner(path: str | os.PathLike, target=None, device: str | None = None,
     run.to_model_input, run.invoke_raw, run.from_model_output = to_model_input, invoke_raw, from_model_output
     run.input_details, run.output_details = inp, out
     module = cls.__module__.split(".")[0]  # ai_edge_litert, or tflite_runtime on a device that has only that
-    # A float16-weight model (fp16) is computed in f32 (its DEQUANTIZE ops expand the weights), as CPU runtimes
-    # do by default on the Pi too; only XNNPACK's opt-in FORCE_FP16 flag would compute it in f16. Recorded so
+    # A float16-weight model (fp16) is computed in f32 (its DEQUANTIZE ops expand the weights), on a Pi too:
+    # XNNPACK on an emulated Cortex-A76, which has FP16 arithmetic, matches x86 at the fp32 level. Recorded so
     # that parity.json says which arithmetic it checked.
     fp16_weights = any(np.dtype(t["dtype"]) == np.float16 for t in interp.get_tensor_details())
     compute = ("int8" if inp["dtype"] != np.float32 else
