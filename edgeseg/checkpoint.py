@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import subprocess
+import zipfile
 from pathlib import Path
 
 import torch
@@ -65,6 +66,9 @@ def read_checkpoint(path: str | os.PathLike | None) -> dict:
         raise EdgesegError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise EdgesegError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save's format since 1.6, and every file edgeseg writes
+        raise EdgesegError(f"{path} is not a PyTorch checkpoint (not a torch.save zip file); point at an edgeseg "
+                           "checkpoint (last.pt / best.pt of a run, or one from `edgeseg import-weights`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

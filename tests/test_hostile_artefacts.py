@@ -309,3 +309,12 @@ def test_outputs_blocked_by_a_file_are_one_line(cli, tmp_path, authors_weights, 
     (tmp_path / "afile").write_text("x")
     code, _, err = cli("import-weights", "ultraseg-130k", authors_weights, "--out", tmp_path / "afile" / "w.pt")
     one_line_error(code, err, "afile")
+
+
+def test_a_file_given_as_an_artefact_says_what_an_artefact_is(cli, tmp_path):
+    bundle = tmp_path / "unit.tar.gz"
+    bundle.write_bytes(b"\x1f\x8b not really")
+    one_line_error(*cli("profile", bundle)[::2], "unit.tar.gz", "not an artefact folder", "edgeseg unpack")
+    # predict takes a checkpoint too: a lone file is read as one, and refused as one
+    one_line_error(*cli("predict", bundle, tmp_path, "--out", tmp_path / "p")[::2], "unit.tar.gz",
+                   "not a PyTorch checkpoint")

@@ -113,6 +113,9 @@ def open_artefact(path: str | os.PathLike) -> tuple[Path, dict]:
     if not path.exists():
         raise EdgesegError(f"artefact {path} does not exist")
     folder = path if path.is_dir() else path.parent
+    if not path.is_dir() and not (folder / "config.json").is_file():
+        raise EdgesegError(f"{path} is a file, not an artefact folder (the folder `edgeseg export` wrote; a "
+                           "bundle is checked with `edgeseg selftest` or unpacked with `edgeseg unpack`)")
     return folder, read_config(folder)
 
 
