@@ -149,33 +149,54 @@ def distill(
 
 @app.command()
 def evaluate(
-    checkpoint: CkptArg = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="edgeseg checkpoint, or an exported artefact folder "
+                                                         "(run by its own runtime); default: the shipped model.")] = None,
     split: Annotated[str, typer.Option(help="Split file or name.")] = "pranet-test-kvasir",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON.")] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write overlays of the worst cases here.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Artefact only: the checkpoint it was exported from, "
+                                                      "to compare with (default: the shipped model, when it is "
+                                                      "that one).")] = None,
     data_root: DataRootOpt = None,
 ):
-    """Evaluate a checkpoint on a split: table on stdout, JSON and worst-case overlays on request.
+    """Evaluate a checkpoint, or an exported artefact with its own runtime, on a split: table on stdout, JSON and
+    worst-case overlays on request.
 
     Examples:
 
         edgeseg evaluate --split pranet-test-kvasir
         edgeseg evaluate runs/ultraseg/best.pt --split pranet-test-cvc-clinicdb --json cvc.json --overlays worst/
+        edgeseg evaluate art/openvino-int8 --split pranet-test-kvasir --reference runs/ultraseg/best.pt
     """
-    from edgeseg.checkpoint import load_model
     from edgeseg.data import read_split, resolve_data_root
-    from edgeseg.evaluate import evaluate_split, torch_logits_fn, write_json_atomic
+    from edgeseg.evaluate import evaluate_artefact, evaluate_split, torch_logits_fn, write_json_atomic
     from edgeseg.fileio import check_output
 
     if json_out is not None:
         check_output(json_out, "file", "--json")
     if overlays is not None:
         check_output(overlays, "folder", "--overlays")
-    model, contract, ckpt = load_model(checkpoint)
+    artefact = checkpoint is not None and checkpoint.is_dir()
+    if reference is not None and not artefact:
+        raise EdgesegError("--reference applies to an artefact folder (evaluate ARTEFACT --reference CKPT)")
     root = resolve_data_root(data_root)
-    result = evaluate_split(torch_logits_fn(model), contract, root, read_split(split, root), overlays=overlays)
-    result.update(model=ckpt["model"], split=split)
-    _print_metrics(result, f"{ckpt['model']} on {split}")
+    ids = read_split(split, root)
+    if artefact:
+        result = evaluate_artefact(checkpoint, root, ids, reference, overlays)
+        title = f"{result['model']} {result['artefact']['target']} {result['artefact']['precision']} on {split}"
+    else:
+        from edgeseg.checkpoint import load_model
+
+        net, contract, ckpt = load_model(checkpoint)
+        result = evaluate_split(torch_logits_fn(net), contract, root, ids, overlays=overlays)
+        result["model"] = ckpt["model"]
+        title = f"{ckpt['model']} on {split}"
+    result["split"] = split
+    _print_metrics(result, title)
+    if "checkpoint" in result:
+        c = result["checkpoint"]
+        typer.echo(f"checkpoint {c['file']} in PyTorch: mdice {c['mdice']:.4f}; delta (checkpoint - artefact) "
+                   f"{c['delta_mdice']:+.4f}")
     if json_out:
         write_json_atomic(result, json_out)
 

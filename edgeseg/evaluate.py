@@ -86,7 +86,7 @@ def overlay(img: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None) -> 
 
 def write_overlays(folder: Path, items, size: int) -> None:
     """One PNG per item, each written to a temp name and renamed; an unwritable folder is an EdgesegError."""
-    folder = _make_folder(folder, "--overlays")
+    folder = make_folder(folder, "the --overlays folder")
     for rank, (sid, img, mask, z, d) in enumerate(items, 1):
         zn = cv2.resize(z, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
         vis = overlay(img, zn > 0, mask)
@@ -97,10 +97,38 @@ def write_overlays(folder: Path, items, size: int) -> None:
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    path = Path(path)
-    _make_folder(path.parent, "--json")
     write_atomic(path, json.dumps(obj, indent=2))
 
 
-def _make_folder(folder: Path, option: str) -> Path:
-    return make_folder(folder, f"the {option} folder")
+def evaluate_artefact(folder: Path, root: Path, ids: list[str], reference: Path | None = None,
+                      overlays: Path | None = None) -> dict:
+    """Score an exported artefact with its own runtime, on the device its parity gate used (this machine's
+    check of a GPU target), with the same keys as a checkpoint's evaluation plus ``artefact``.
+
+    ``checkpoint`` compares it with the checkpoint it was exported from, run in PyTorch on the same frames:
+    ``reference`` (refused unless its sha256 is the one config.json records) or, by default, the shipped
+    model when the artefact was exported from it.
+    """
+    from edgeseg.checkpoint import DEFAULT_MODEL, load_model
+    from edgeseg.export import make_runner, open_artefact
+    from edgeseg.fileio import file_sha256
+
+    folder, config = open_artefact(folder)
+    recorded = config["checkpoint"]["sha256"]
+    if reference is not None and file_sha256(reference) != recorded:
+        raise EdgesegError(f"--reference {reference} is not the checkpoint {folder} was exported from (sha256 "
+                           f"{recorded[:16]}... in its config.json)")
+    if reference is None and file_sha256(DEFAULT_MODEL) == recorded:
+        reference = DEFAULT_MODEL
+    contract = InputContract.from_dict(config["input_contract"])
+    runner = make_runner(folder, config, device=config["backend_config"].get("parity_device"))
+    result = evaluate_split(runner, contract, root, ids, overlays=overlays)
+    result["model"] = config["model"]
+    result["artefact"] = {"folder": str(folder), "target": config["target"], "precision": config["precision"],
+                          "runtime": getattr(runner, "effective", {})}
+    if reference is not None:
+        model, _, _ = load_model(reference)
+        ref = evaluate_split(torch_logits_fn(model), contract, root, ids, native=False)
+        result["checkpoint"] = {"file": Path(reference).name, "mdice": ref["mdice"],
+                                "delta_mdice": ref["mdice"] - result["mdice"]}
+    return result
