@@ -79,10 +79,10 @@ def matrix_rows(label: str, ckpt: Path | None, out: Path, runs: int, data_root, 
     """Every precision of ``targets`` for ``ckpt``, exported afresh under ``out/label`` and timed on 1 thread."""
     import shutil
 
-    from edgeseg.checkpoint import DEFAULT_MODEL
+    from edgeseg.checkpoint import resolve_checkpoint
     from edgeseg.fileio import file_sha256
 
-    sha = file_sha256(ckpt if ckpt is not None else DEFAULT_MODEL)
+    sha = file_sha256(resolve_checkpoint(ckpt))
     rows = []
     for t in targets:
         for p in t.precisions:

@@ -96,7 +96,7 @@ def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=No
                   pin_core: int | None = None) -> list[dict]:
     """Benchmark ``checkpoint`` on ``targets`` (None: all). Returns the rows; writes the table and plots.
     Every option and the output folder are checked before the first export."""
-    from edgeseg.checkpoint import DEFAULT_MODEL
+    from edgeseg.checkpoint import resolve_checkpoint
     from edgeseg.fileio import file_sha256
     from edgeseg.profiling import check_timing_options
     from edgeseg.targets import get_target, list_targets
@@ -104,7 +104,7 @@ def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=No
     check_timing_options(runs, warmup, duration_s, threads, pin_core)
     out = check_output(out, "folder", what="the benchmark folder")
     chosen = list_targets() if not targets or targets == ["all"] else [get_target(t) for t in targets]
-    ckpt_sha = file_sha256(checkpoint if checkpoint is not None else DEFAULT_MODEL)
+    ckpt_sha = file_sha256(resolve_checkpoint(checkpoint))
     calib = calib or DEFAULT_CALIB
     make_folder(out, "the benchmark folder")
     rows = [benchmark_row(checkpoint, ckpt_sha, t, p, out, calib, data_root, runs, warmup, threads, duration_s,

@@ -24,7 +24,24 @@ from edgeseg.fileio import atomic_path
 
 FORMAT = "edgeseg-checkpoint"
 FORMAT_VERSION = 1
-DEFAULT_MODEL = Path(__file__).parent / "weights" / "ultraseg-108k-pranet.pt"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped checkpoints: NAME.pt, and NAME.json with its test scores
+DEFAULT_MODEL = WEIGHTS_DIR / "ultraseg-108k-pranet.pt"
+
+
+def shipped_weights() -> dict[str, Path]:
+    """Name -> file of every checkpoint shipped inside the package (``edgeseg weights`` lists them)."""
+    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.pt"))}
+
+
+def resolve_checkpoint(ref: str | os.PathLike | None) -> Path:
+    """The checkpoint file meant by ``ref``: an existing path, else a shipped checkpoint's name; None is the
+    shipped default. Anything else is returned as a path (reading it then says it does not exist)."""
+    if ref is None:
+        return DEFAULT_MODEL
+    path = Path(ref)
+    if not path.exists() and str(ref) in shipped_weights():
+        return shipped_weights()[str(ref)]
+    return path
 
 
 def make_checkpoint(model, contract: InputContract, **extra) -> dict:
@@ -60,12 +77,13 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike | None) -> dict:
-    """Load and validate a checkpoint dict; ``None`` means the shipped default model."""
-    path = Path(path) if path is not None else DEFAULT_MODEL
+    """Load and validate a checkpoint dict from a path or a shipped name; ``None`` means the shipped default."""
+    path = resolve_checkpoint(path)
     if path.is_dir():
         raise EdgesegError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
-        raise EdgesegError(f"checkpoint {path} does not exist")
+        raise EdgesegError(f"checkpoint {path} does not exist (shipped checkpoints, by name: "
+                           f"{', '.join(shipped_weights())}; see `edgeseg weights`)")
     if not zipfile.is_zipfile(path):  # torch.save's format since 1.6, and every file edgeseg writes
         raise EdgesegError(f"{path} is not a PyTorch checkpoint (not a torch.save zip file); point at an edgeseg "
                            "checkpoint (last.pt / best.pt of a run, or one from `edgeseg import-weights`)")
@@ -177,9 +195,10 @@ def build_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint", ex
 
 
 def load_model(path: str | os.PathLike | None = None, expect_model: str | None = None):
-    """Read + build in one go. Returns (model in eval mode, contract, checkpoint dict)."""
+    """Read + build in one go (a path or a shipped name). Returns (model in eval mode, contract, checkpoint dict)."""
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
-    model, contract = build_from_checkpoint(ckpt, path if path is not None else DEFAULT_MODEL, expect_model)
+    model, contract = build_from_checkpoint(ckpt, path, expect_model)
     return model, contract, ckpt
 
 

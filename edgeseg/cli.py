@@ -221,6 +221,39 @@ def models():
     Console().print(table)
 
 
+@app.command()
+def weights():
+    """List the checkpoints shipped with edgeseg: name (usable wherever a checkpoint is taken, e.g. `edgeseg
+    evaluate ultraseg-108k-pranet`), model, parameters and their measured test mDice.
+
+    Examples:
+
+        edgeseg weights
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeseg.checkpoint import load_model, shipped_weights
+    from edgeseg.models import count_params
+
+    splits = {"pranet-test-kvasir": "Kvasir test mDice", "pranet-test-cvc-clinicdb": "CVC-ClinicDB test mDice"}
+    table = Table("name", "model", "parameters()", *splits.values())
+    notes = []
+    for name, path in shipped_weights().items():
+        model, _, ckpt = load_model(path)
+        card = path.with_suffix(".json")
+        info = json.loads(card.read_text()) if card.is_file() else {}
+        scores = info.get("test_mdice", {})
+        table.add_row(name, ckpt["model"], f"{count_params(model):,}",
+                      *(f"{scores[s]:.4f}" if s in scores else "-" for s in splits))
+        notes += [f"{name}: {info['description']}"] if "description" in info else []
+        notes += [f"  measured: {info['measured']}"] if "measured" in info else []
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    for line in notes:
+        console.print(line, highlight=False)
+
+
 @app.command("import-weights")
 def import_weights(
     model: Annotated[str, typer.Argument(help="Architecture of the released weights (ultraseg-130k).")],

@@ -109,13 +109,14 @@ def evaluate_artefact(folder: Path, root: Path, ids: list[str], reference: Path 
     ``reference`` (refused unless its sha256 is the one config.json records) or, by default, the shipped
     model when the artefact was exported from it.
     """
-    from edgeseg.checkpoint import DEFAULT_MODEL, load_model
+    from edgeseg.checkpoint import DEFAULT_MODEL, load_model, resolve_checkpoint
     from edgeseg.export import make_runner, open_artefact
     from edgeseg.fileio import file_sha256
 
     folder, config = open_artefact(folder)
     recorded = config["checkpoint"]["sha256"]
-    if reference is not None and file_sha256(reference) != recorded:
+    reference = None if reference is None else resolve_checkpoint(reference)
+    if reference is not None and reference.is_file() and file_sha256(reference) != recorded:
         raise EdgesegError(f"--reference {reference} is not the checkpoint {folder} was exported from (sha256 "
                            f"{recorded[:16]}... in its config.json)")
     if reference is None and file_sha256(DEFAULT_MODEL) == recorded:

@@ -281,7 +281,7 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
         ParityFailure: the artefact missed its budget; it was kept as ``<out>.rejected``.
     """
     from edgeseg.calibration import check_manifest, read_manifest
-    from edgeseg.checkpoint import DEFAULT_MODEL, load_model
+    from edgeseg.checkpoint import load_model, resolve_checkpoint
     from edgeseg.data.splits import resolve_data_root
     from edgeseg.export.parity import budget, resolve_parity_ids
 
@@ -299,7 +299,7 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
     if target.needs_calibration(precision):
         manifest = read_manifest(calib)
         check_manifest(manifest, root, parity_ids, f"the parity split ({parity_desc})")
-    ckpt_path = Path(checkpoint) if checkpoint is not None else DEFAULT_MODEL
+    ckpt_path = resolve_checkpoint(checkpoint)
     provenance = {"model": ckpt["model"], "checkpoint": ckpt_path.name, "checkpoint_sha256": file_sha256(ckpt_path),
                   "calibration_sha256": manifest.hash if manifest else "none"}
     with _staging(out) as tmp:
