@@ -1,5 +1,7 @@
 """Cross-target benchmark: export (or reuse), parity-check and profile every target x precision this host
 can run, then write a table (Markdown, CSV, JSON) and plots (Dice vs p50 latency, latency histograms).
+The Pareto front ignores differences below the measurement's noise: p50 latencies closer than max(2 %, the
+p90 - p50 spread) and mDice closer than 1e-3 are ties (see :func:`pareto_front`).
 
     edgeseg benchmark [CKPT] --targets all --out bench-out/
 
@@ -137,7 +139,55 @@ def write_table(rows: list[dict], out: Path) -> None:
     write_atomic(out / "benchmark.csv", table.getvalue())
 
 
+DICE_TIE = 1e-3  # mDice differences below this are ties (the parity frames cannot resolve them)
+LATENCY_TIE_FRACTION = 0.02  # p50 differences below 2 % ...
+# ... or below the slower-spread row's p90 - p50 are ties too: run-to-run noise, not a real difference.
+
+
+def _p90(r: dict) -> float:
+    import numpy as np
+
+    samples = r.get("samples_ms")
+    return float(np.percentile(samples, 90)) if samples else r["p50_ms"]
+
+
+def latency_tie(a: dict, b: dict) -> float:
+    """The p50 difference under which rows ``a`` and ``b`` count as equally fast: max(2 % of the larger p50,
+    the larger of their p90 - p50 spreads)."""
+    spread = max(_p90(a) - a["p50_ms"], _p90(b) - b["p50_ms"], 0.0)
+    return max(LATENCY_TIE_FRACTION * max(a["p50_ms"], b["p50_ms"]), spread)
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """``a`` beats ``b`` beyond the measurement's noise: no slower and no less accurate (within the ties
+    above), and clearly faster or clearly more accurate."""
+    tie = latency_tie(a, b)
+    faster, slower = b["p50_ms"] - a["p50_ms"] > tie, a["p50_ms"] - b["p50_ms"] > tie
+    better, worse = a["mdice"] - b["mdice"] >= DICE_TIE, b["mdice"] - a["mdice"] >= DICE_TIE
+    return not slower and not worse and (faster or better)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The timed rows no other row :func:`dominates`, fastest first. Rows that tie (latency within
+    :func:`latency_tie`, mDice within ``DICE_TIE``) stay on the front together: a difference the measurement
+    cannot resolve never drops a target."""
+    front = [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
+    return sorted(front, key=lambda r: (r["p50_ms"], -r["mdice"]))
+
+
+def _min_span(ax_lim: tuple[float, float], values: list[float], span: float) -> tuple[float, float]:
+    """Axis limits covering ``ax_lim`` and at least ``span`` wide, centred on the values: a spread smaller
+    than the noise is drawn small instead of being stretched across the axis."""
+    lo, hi = ax_lim
+    if hi - lo >= span:
+        return lo, hi
+    mid = (min(values) + max(values)) / 2
+    return mid - span / 2, mid + span / 2
+
+
 def plot(rows: list[dict], out: Path) -> None:
+    """pareto.png (mDice vs p50 latency, p50..p90 as a bar, the noise-aware front of :func:`pareto_front`)
+    and latency_hist.png (one histogram per timed row, p50 marked). Axes use plain numbers, never an offset."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,25 +197,29 @@ def plot(rows: list[dict], out: Path) -> None:
     if not timed:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in timed:
-        ax.scatter(r["p50_ms"], r["mdice"], s=40)
+    for i, r in enumerate(timed):
+        ax.errorbar(r["p50_ms"], r["mdice"], xerr=[[0.0], [max(_p90(r) - r["p50_ms"], 0.0)]], fmt="o", ms=6,
+                    capsize=3)
         ax.annotate(f"{r['target']} {r['precision']}", (r["p50_ms"], r["mdice"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    pts = sorted((r["p50_ms"], r["mdice"]) for r in timed)
-    front, best = [], -1.0
-    for p50, d in pts:  # Pareto front: no other point is both faster and more accurate
-        if d > best:
-            front.append((p50, d))
-            best = d
-    ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
-    ax.set(xlabel="p50 latency (ms)", ylabel="mDice (parity frames)", title="Dice vs latency")
-    ax.legend()
+                    xytext=(4, 4 if i % 2 == 0 else -12), textcoords="offset points")  # near-ties stay legible
+    front = pareto_front(timed)
+    ax.plot([r["p50_ms"] for r in front], [r["mdice"] for r in front], "k--", lw=1,
+            label=f"Pareto front (ties: mDice < {DICE_TIE:g}, p50 < max(2 %, p90-p50))")
+    ax.set(xlabel="p50 latency (ms); bar to p90", ylabel="mDice (parity frames)", title="Dice vs latency")
+    p50s, dices = [r["p50_ms"] for r in timed], [r["mdice"] for r in timed]
+    ax.set_ylim(*_min_span(ax.get_ylim(), dices, 20 * DICE_TIE))
+    ax.set_xlim(*_min_span(ax.get_xlim(), p50s, 0.2 * max(p50s)))
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out / "pareto.png")
-    fig, axes = plt.subplots(len(timed), 1, figsize=(7, 1.8 * len(timed)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(timed), 1, figsize=(7, 1.8 * len(timed) + 0.4), sharex=True, squeeze=False)
     for ax, r in zip(axes[:, 0], timed):
         ax.hist(r["samples_ms"], bins=40)
+        ax.axvline(r["p50_ms"], color="C3", lw=1.5, label=f"p50 {r['p50_ms']:.3f} ms")
+        ax.legend(fontsize=7, loc="upper right")
         ax.set_ylabel(f"{r['target']}\n{r['precision']}", fontsize=8)
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     axes[-1, 0].set_xlabel("latency (ms)")
     fig.tight_layout()
     _save(fig, out / "latency_hist.png")

@@ -73,15 +73,43 @@ def evaluate_split(logits_fn: LogitsFn, contract: InputContract, root: Path, ids
     return result
 
 
-def overlay(img: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
-    """RGB frame with the predicted contour in yellow and (optionally) the ground truth in green."""
+PRED_RGB = (255, 220, 0)  # overlay colour of the predicted contour (yellow)
+GT_RGB = (0, 255, 0)  # overlay colour of the ground-truth contour (green)
+
+
+def overlay(img: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, legend: bool = True) -> np.ndarray:
+    """RGB frame with the predicted contour in yellow and (optionally) the ground truth in green; with
+    ``legend`` a small key in the top-left corner names the colours shown."""
     out = img.copy()
     if gt is not None:
         cs, _ = cv2.findContours(gt.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, cs, -1, (0, 255, 0), 2)
+        cv2.drawContours(out, cs, -1, GT_RGB, 2)
     cs, _ = cv2.findContours(pred.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, cs, -1, (255, 220, 0), 2)
+    cv2.drawContours(out, cs, -1, PRED_RGB, 2)
+    if legend:
+        draw_legend(out, [("prediction", PRED_RGB)] + ([("ground truth", GT_RGB)] if gt is not None else []))
     return out
+
+
+def draw_legend(img: np.ndarray, entries: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """Draw (in place) a key of coloured line samples and labels on a darkened box, top-left, sized to the
+    image (legible on 64 px thumbnails and on HD frames alike)."""
+    h, w = img.shape[:2]
+    scale = float(np.clip(min(h, w) / 700, 0.3, 1.2))
+    thick = max(1, round(scale * 1.5))
+    pad, line = max(2, round(6 * scale)), max(6, round(24 * scale))
+    sizes = [cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0] for label, _ in entries]
+    row_h = max(th for _, th in sizes) + pad
+    box_w = min(w, pad * 3 + line + max(tw for tw, _ in sizes))
+    box_h = min(h, pad + row_h * len(entries))
+    region = img[:box_h, :box_w]
+    region[:] = (region * 0.35).astype(img.dtype)  # darkened, so the labels read on any frame
+    for i, ((label, colour), (_, th)) in enumerate(zip(entries, sizes)):
+        base = pad + row_h * i + th
+        y = base - th // 2
+        cv2.line(img, (pad, y), (pad + line, y), colour, max(2, thick))
+        cv2.putText(img, label, (pad * 2 + line, base), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick, cv2.LINE_AA)
+    return img
 
 
 def write_overlays(folder: Path, items, size: int) -> None:

@@ -1,16 +1,21 @@
 """Prediction on an image, a folder of images or a video, with a per-frame latency log.
 
     edgeseg predict CKPT_OR_ARTEFACT frames/ --out pred/      # masks/, overlays/, latency.csv
-    edgeseg predict CKPT_OR_ARTEFACT clip.mp4 --out pred/     # clip_overlay.mp4, clip_mask.mp4, latency.csv
+    edgeseg predict CKPT_OR_ARTEFACT clip.mp4 --out pred/     # clip_overlay.mp4, clip_mask.mp4, masks/, latency.csv
 
 Each frame goes decode -> preprocess (the artefact's input contract) -> infer -> threshold/overlay, and each
-stage is timed separately. Every output file is written to a temp name and renamed.
+stage is timed separately. Every output file is written to a temp name and renamed. A pixel is foreground
+when its probability is above the threshold (the contract's, 0.5, unless given). For a video the masks are
+also written losslessly, one PNG per frame (masks/frame_000000.png ...), since the mp4 mask is lossy. Overlays
+draw the predicted contour in yellow, with a small legend in the top-left corner.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -40,9 +45,19 @@ class FramePrediction:
     timings: dict[str, float]  # ms per stage
 
 
+def check_threshold(threshold: float) -> float:
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 < threshold < 1):
+        raise EdgesegError(f"--threshold must be a probability strictly between 0 and 1, got {threshold}")
+    return float(threshold)
+
+
 def predict_frames(logits_fn: Callable[[np.ndarray], np.ndarray], contract: InputContract,
-                   frames: Iterator[tuple[str, Callable[[], np.ndarray]]]) -> Iterator[FramePrediction]:
-    """Run ``logits_fn`` on frames given as (name, decode function; None ends the stream); time every stage."""
+                   frames: Iterator[tuple[str, Callable[[], np.ndarray]]],
+                   threshold: float | None = None) -> Iterator[FramePrediction]:
+    """Run ``logits_fn`` on frames given as (name, decode function; None ends the stream); time every stage.
+    A pixel is foreground where sigmoid(logit) > ``threshold`` (default: the contract's)."""
+    t = check_threshold(contract.threshold if threshold is None else threshold)
+    cut = math.log(t / (1 - t))  # sigmoid(z) > t  <=>  z > logit(t)
     for name, decode in frames:
         t0 = time.perf_counter()
         rgb = decode()
@@ -54,7 +69,7 @@ def predict_frames(logits_fn: Callable[[np.ndarray], np.ndarray], contract: Inpu
         logits = logits_fn(x)[0, 0]
         t3 = time.perf_counter()
         z = cv2.resize(logits, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
-        mask = z > 0  # sigmoid(z) > 0.5
+        mask = z > cut
         vis = overlay(rgb, mask)
         t4 = time.perf_counter()
         ms = [1000 * (b - a) for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4))]
@@ -88,7 +103,7 @@ def _video_frames(cap: cv2.VideoCapture):
             ok, bgr = cap.read()
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if ok else None
 
-        yield f"frame{index:06d}", decode
+        yield f"frame_{index:06d}", decode
         index += 1
 
 
@@ -144,37 +159,68 @@ def frames_of(source: Path):
     return _image_frames(image_paths(source)), lambda: None
 
 
-def predict_path(logits_fn, contract: InputContract, source: Path, out: Path) -> dict:
-    """Predict an image, a folder of images or a video into ``out``. Returns a summary dict."""
+@contextlib.contextmanager
+def _progress(total: int | None, enabled: bool, what: str):
+    """A progress bar on stderr (rich); yields a function to call once per frame. Off when not ``enabled``."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = (TextColumn(f"predict {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("predict", total=total or None)
+        yield lambda: bar.advance(task)
+
+
+def predict_path(logits_fn, contract: InputContract, source: Path, out: Path, threshold: float | None = None,
+                 progress: bool | None = None) -> dict:
+    """Predict an image, a folder of images or a video into ``out``. Returns a summary dict.
+
+    ``threshold``: probability above which a pixel is foreground (default: the contract's). ``progress``:
+    show a progress bar on stderr (default: when stderr is a terminal)."""
     source = Path(source)
+    if threshold is not None:
+        check_threshold(threshold)
     if not source.exists():
         raise EdgesegError(f"input {source} does not exist")
+    if progress is None:
+        progress = sys.stderr.isatty()
     make_folder(out, "the output folder")
     if is_video(source):
-        return _predict_video(logits_fn, contract, source, out)
+        return _predict_video(logits_fn, contract, source, out, threshold, progress)
     paths = image_paths(source)
     output_names(paths)  # refuse clashing names before anything is written
     make_folder(out / "masks", "the masks folder")
     make_folder(out / "overlays", "the overlays folder")
     rows = []
-    for i, p in enumerate(predict_frames(logits_fn, contract, _image_frames(paths))):
-        _write_image(out / "masks" / f"{p.name}.png", p.mask.astype(np.uint8) * 255)
-        _write_image(out / "overlays" / f"{p.name}.png", p.overlay)
-        rows.append(_row(i, p))
+    with _progress(len(paths), progress, "images") as tick:
+        for i, p in enumerate(predict_frames(logits_fn, contract, _image_frames(paths), threshold)):
+            _write_image(out / "masks" / f"{p.name}.png", p.mask.astype(np.uint8) * 255)
+            _write_image(out / "overlays" / f"{p.name}.png", p.overlay)
+            rows.append(_row(i, p))
+            tick()
     _write_latency(out, rows)
-    return _summary(rows, kind="images")
+    return _summary(rows, kind="images", threshold=contract.threshold if threshold is None else threshold)
 
 
-def _predict_video(logits_fn, contract: InputContract, source: Path, out: Path) -> dict:
+def _predict_video(logits_fn, contract: InputContract, source: Path, out: Path, threshold: float | None = None,
+                   progress: bool = False) -> dict:
     cap = open_video(source)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # a container's estimate; only the bar uses it
     targets = {"overlay": out / f"{source.stem}_overlay.mp4", "mask": out / f"{source.stem}_mask.mp4"}
     writers: dict[str, cv2.VideoWriter] = {}
     rows = []
+    masks = make_folder(out / "masks", "the masks folder")  # lossless per-frame masks beside the lossy mp4
     with contextlib.ExitStack() as stack:  # both videos land together, or neither (temp files removed)
         tmps = {k: stack.enter_context(atomic_path(v)) for k, v in targets.items()}
+        tick = stack.enter_context(_progress(count, progress, source.name))
         try:
-            for i, p in enumerate(predict_frames(logits_fn, contract, _video_frames(cap))):
+            for i, p in enumerate(predict_frames(logits_fn, contract, _video_frames(cap), threshold)):
+                _write_image(masks / f"{p.name}.png", p.mask.astype(np.uint8) * 255)
+                tick()
                 if not writers:
                     size = (p.rgb.shape[1], p.rgb.shape[0])
                     writers = {k: cv2.VideoWriter(str(t), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
@@ -189,7 +235,7 @@ def _predict_video(logits_fn, contract: InputContract, source: Path, out: Path) 
         if not rows:
             raise EdgesegError(f"video {source} has no readable frames")
     _write_latency(out, rows)
-    return _summary(rows, kind="video", fps_in=fps)
+    return _summary(rows, kind="video", fps_in=fps, threshold=contract.threshold if threshold is None else threshold)
 
 
 def _summary(rows: list[dict], **extra) -> dict:

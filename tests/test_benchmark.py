@@ -41,3 +41,47 @@ def test_benchmark_rows_files_and_plots(cli, authors_ckpt, data_root, tmp_path):
     rows = json.loads((out / "benchmark.json").read_text())
     assert rows[0]["status"] == "ok" and len(rows[0]["samples_ms"]) >= 1
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files from the plots
+
+
+def _row(target, p50, mdice, spread=0.0):
+    samples = [p50 - spread / 2] * 10 + [p50] + [p50 + spread] * 10  # p50 at p50, p90 at p50 + spread
+    return {"target": target, "precision": "fp32", "status": "ok", "p50_ms": p50, "mdice": mdice,
+            "samples_ms": samples}
+
+
+def test_pareto_front_ignores_differences_below_the_noise():
+    from edgeseg.benchmark import dominates, pareto_front
+
+    a, b = _row("a", 1.000, 0.834520), _row("b", 1.010, 0.834530)  # 1 % and 1e-5 apart: a tie, both kept
+    assert not dominates(a, b) and not dominates(b, a)
+    assert {r["target"] for r in pareto_front([a, b])} == {"a", "b"}
+    slow = _row("slow", 2.0, 0.8346)  # twice as slow, Dice only 8e-5 better: dominated by a
+    worse = _row("worse", 0.999, 0.80)  # no faster than a within noise, clearly less accurate
+    fast = _row("fast", 0.5, 0.70)  # clearly faster, clearly worse: on the front
+    assert [r["target"] for r in pareto_front([a, b, slow, worse, fast])] == ["fast", "a", "b"]
+    noisy = _row("noisy", 1.3, 0.80, spread=0.5)  # 30 % slower than c, but within noisy's p90 - p50 spread
+    c = _row("c", 1.0, 0.80)
+    assert not dominates(c, noisy) and {r["target"] for r in pareto_front([c, noisy])} == {"c", "noisy"}
+
+
+def test_plots_have_no_offset_notation_and_mark_p50(tmp_path, monkeypatch):
+    import edgeseg.benchmark as bench
+
+    figs = {}
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figs[path.name] = fig
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(bench, "_save", keep)
+    rows = [_row("onnx", 1.00001, 0.834521, 0.05), _row("openvino-cpu", 1.00002, 0.834531, 0.05),
+            {"target": "tensorrt-jetson", "precision": "fp16", "status": "skipped: no device"}]
+    bench.plot(rows, tmp_path)
+    ax = figs["pareto.png"].axes[0]
+    assert ax.xaxis.get_offset_text().get_text() == "" and ax.yaxis.get_offset_text().get_text() == ""
+    lo, hi = ax.get_ylim()
+    assert hi - lo >= 20 * bench.DICE_TIE  # a 1e-5 Dice difference is drawn as the tie it is
+    hist = figs["latency_hist.png"].axes
+    assert len(hist) == 2 and all(ax.xaxis.get_offset_text().get_text() == "" for ax in hist)
+    assert all(any(t.get_text().startswith("p50 ") for t in ax.get_legend().get_texts()) for ax in hist)

@@ -47,6 +47,11 @@ def test_video_in_video_out(authors, clip, tmp_path):
     assert all(abs(sum(float(r[k]) for k in ("decode_ms", "preprocess_ms", "infer_ms", "post_ms"))
                    - float(r["total_ms"])) < 0.05 for r in rows)
     assert not list((tmp_path / "pred").glob(".*"))  # no temp files left behind
+    masks = sorted((tmp_path / "pred" / "masks").iterdir())  # lossless per-frame masks beside the lossy mp4
+    assert [m.name for m in masks] == [f"frame_{i:06d}.png" for i in range(12)]
+    first = cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE)
+    assert first.shape == (288, 384) and set(np.unique(first)) <= {0, 255} and first.any()
+    assert [r["name"] for r in rows][:2] == ["frame_000000", "frame_000001"]
 
 
 def test_image_folder_masks_match_the_model(authors, data_root, tmp_path):
@@ -81,3 +86,52 @@ def test_output_names_never_clash(tmp_path):
     assert output_names([tmp_path / "A.png", tmp_path / "a.jpg"]) == ["A.png", "a.jpg"]  # case-insensitive file systems
     with pytest.raises(EdgesegError, match="same output frame.jpg.png"):
         output_names([tmp_path / n for n in ("frame.jpg", "frame.png", "frame.jpg.png")])
+
+
+def test_threshold_moves_the_mask_and_is_range_checked(authors, data_root, tmp_path):
+    src = sorted((data_root / "kvasir-seg" / "images").iterdir())[0]
+    areas = {}
+    for t in (0.1, 0.5, 0.9):
+        summary = predict_path(*authors, src, tmp_path / str(t), threshold=t, progress=True)
+        assert summary["threshold"] == t
+        areas[t] = (cv2.imread(str(tmp_path / str(t) / "masks" / f"{src.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0)
+    assert areas[0.1].sum() > areas[0.5].sum() > areas[0.9].sum() > 0
+    assert not (areas[0.9] & ~areas[0.5]).any()  # a higher threshold only removes pixels
+    default = predict_path(*authors, src, tmp_path / "default")
+    assert default["threshold"] == 0.5
+    assert np.array_equal(cv2.imread(str(tmp_path / "default" / "masks" / f"{src.stem}.png")) > 0,
+                          cv2.imread(str(tmp_path / "0.5" / "masks" / f"{src.stem}.png")) > 0)
+    for bad in (0.0, 1.0, -0.2, float("nan")):
+        with pytest.raises(EdgesegError, match="--threshold"):
+            predict_path(*authors, src, tmp_path / "bad", threshold=bad)
+
+
+def test_cli_threshold_threads_and_help(cli, authors_ckpt, data_root, tmp_path):
+    src = sorted((data_root / "kvasir-seg" / "images").iterdir())[0]
+    code, stdout, err = cli("predict", authors_ckpt, src, "--out", tmp_path / "ok", "--threshold", "0.3",
+                            "--threads", "1")
+    assert code == 0, err
+    assert (tmp_path / "ok" / "masks" / f"{src.stem}.png").is_file()
+    for opt, value in (("--threshold", "1"), ("--threshold", "0"), ("--threads", "0"), ("--threads", "100000")):
+        code, _, err = cli("predict", authors_ckpt, src, "--out", tmp_path / "bad", opt, value)
+        assert code == 2 and opt in err, (opt, value, err)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    code, stdout, _ = cli("predict", "--help")
+    assert code == 0 and "yellow" in stdout and "--threshold" in stdout and "--threads" in stdout
+
+
+def test_overlay_legend_names_the_colours():
+    from edgeseg.evaluate import GT_RGB, PRED_RGB, overlay
+
+    for size in (64, 288, 1080):
+        img = np.full((size, size, 3), 128, np.uint8)
+        pred = np.zeros((size, size), bool)
+        pred[size // 2:, size // 2:] = True
+        plain = overlay(img, pred, legend=False)
+        shown = overlay(img, pred, pred)
+        corner = shown[: size // 3, : size // 2]
+        third = size // 3
+        assert not np.array_equal(shown, plain) and np.array_equal(plain[:third, :third], img[:third, :third])
+        for colour in (PRED_RGB, GT_RGB):  # both key entries drawn in their colours, in the corner
+            assert (np.abs(corner.astype(int) - colour).sum(-1) == 0).any(), (size, colour)
+        assert (overlay(img, pred)[: size // 3, : size // 2] == GT_RGB).all(-1).sum() == 0  # no gt entry without gt
