@@ -40,7 +40,13 @@ CkptArg = Annotated[Optional[Path], typer.Argument(help="edgeseg checkpoint (def
 
 
 # Options shared by `train` and `distill`, defined once. None means "the recipe's default".
-TrainSplitOpt = Annotated[str, typer.Option(help="Split file/name or seeded:<dataset>:<k>:<seed>:train.")]
+TrainSplitOpt = Annotated[Optional[str], typer.Option(help="Split file/name, seeded:<dataset>:<k>:<seed>:train "
+                                                     "or all:<dataset> (default: pranet-train).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Your own data: a folder with images/ and masks/ "
+                                                 "(jpg, png, bmp, tif; paired by file name).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Start from this checkpoint's weights "
+                                                   "(a file or a shipped name, e.g. ultraseg-108k-pranet); "
+                                                   "same architecture as the model.")]
 ValSplitOpt = Annotated[Optional[str], typer.Option(help="Validation split (default: carved from train).")]
 ValFractionOpt = Annotated[Optional[float], typer.Option(help="Fraction of train carved for validation.")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs (default: the recipe's).")]
@@ -57,10 +63,26 @@ OutOpt = Annotated[Path, typer.Option(help="Run folder (last.pt, best.pt, metric
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")]
 
 
-def _train(recipe: str, resume: bool, cache_dir, data_root, strict: bool, out: Path, **options) -> None:
+def _own_data(data: Path | None, data_root, split: str | None, split_option: str, default: str):
+    """``--data DIR`` as (data root, split): DIR's parent and ``all:<DIR's name>``; refused next to
+    ``--data-root`` or an explicit split. Without it, the options as given (the split defaulting to ``default``)."""
+    if data is None:
+        return data_root, split if split is not None else default
+    for given, option in ((data_root, "--data-root"), (split, split_option)):
+        if given is not None:
+            raise EdgesegError(f"--data and {option} both choose the data; pass one of them")
+    from edgeseg.data.splits import folder_dataset
+
+    return folder_dataset(data)
+
+
+def _train(recipe: str, resume: bool, cache_dir, data_root, strict: bool, out: Path, data: Path | None = None,
+           **options) -> None:
     from edgeseg.config import build_config
     from edgeseg.train import run
 
+    data_root, options["train_split"] = _own_data(data, data_root, options.get("train_split"), "--train-split",
+                                                  None)
     cfg = build_config(recipe, cache_dir=str(cache_dir) if cache_dir else None, strict_masks=strict or None,
                        data_root=str(data_root) if data_root else None, out=str(out), **options)
     _check_model_name(cfg.model)
@@ -70,7 +92,9 @@ def _train(recipe: str, resume: bool, cache_dir, data_root, strict: bool, out: P
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="Model name; see `edgeseg models`.")] = "ultraseg-108k",
-    train_split: TrainSplitOpt = "pranet-train",
+    data: DataOpt = None,
+    weights: WeightsOpt = None,
+    train_split: TrainSplitOpt = None,
     val_split: ValSplitOpt = None,
     val_fraction: ValFractionOpt = None,
     recipe: Annotated[str, typer.Option(help="default | ultraseg | malunet (the seed papers' recipes).")] = "default",
@@ -96,8 +120,10 @@ def train(
         edgeseg train --model ultraseg-108k --epochs 100 --out runs/ultraseg
         edgeseg train --model ultraseg-108k --epochs 100 --out runs/ultraseg --resume
         edgeseg train --model microaunet --train-split seeded:kvasir-seg:4:42:train --out runs/micro
+        edgeseg train --data my-frames --weights ultraseg-108k-pranet --epochs 20 --out runs/mine
     """
-    _train(recipe, resume, cache_dir, data_root, strict, out, model=model, train_split=train_split,
+    _train(recipe, resume, cache_dir, data_root, strict, out, data, model=model, weights=weights,
+           train_split=train_split,
            val_split=val_split, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
            size=size, compile=compile, bf16=bf16, threads=threads, workers=workers)
 
@@ -112,7 +138,9 @@ def distill(
     alpha: Annotated[Optional[float], typer.Option(help="KD weight (default 0.3 for kdas, else 1).")] = None,
     rho: Annotated[float, typer.Option(help="2-stage: weight of the EMA-anchor regulariser.")] = 0.3,
     contrast_weight: Annotated[float, typer.Option(help="2-stage: weight of the pixel contrastive loss.")] = 0.1,
-    train_split: TrainSplitOpt = "pranet-train",
+    data: DataOpt = None,
+    weights: WeightsOpt = None,
+    train_split: TrainSplitOpt = None,
     val_split: ValSplitOpt = None,
     val_fraction: ValFractionOpt = None,
     epochs: EpochsOpt = None,
@@ -142,7 +170,8 @@ def distill(
         raise EdgesegError(f"unknown distillation recipe {recipe!r}; known: {', '.join(RECIPES)}")
     kd = DistillConfig(teacher=str(teacher), recipe=recipe, stage1_epochs=stage1_epochs, tau=tau, alpha=alpha,
                        rho=rho, contrast_weight=contrast_weight)
-    _train("default", resume, cache_dir, data_root, strict, out, model=student, train_split=train_split,
+    _train("default", resume, cache_dir, data_root, strict, out, data, model=student, weights=weights,
+           train_split=train_split,
            val_split=val_split, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
            size=size, threads=threads, workers=workers, distill=kd)
 
@@ -151,7 +180,9 @@ def distill(
 def evaluate(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="edgeseg checkpoint, or an exported artefact folder "
                                                          "(run by its own runtime); default: the shipped model.")] = None,
-    split: Annotated[str, typer.Option(help="Split file or name.")] = "pranet-test-kvasir",
+    split: Annotated[Optional[str], typer.Option(help="Split file or name (default: pranet-test-kvasir).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on every pair of your own folder "
+                                                 "(images/ and masks/).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON.")] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write overlays of the worst cases here.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Artefact only: the checkpoint it was exported from, "
@@ -167,6 +198,7 @@ def evaluate(
         edgeseg evaluate --split pranet-test-kvasir
         edgeseg evaluate runs/ultraseg/best.pt --split pranet-test-cvc-clinicdb --json cvc.json --overlays worst/
         edgeseg evaluate art/openvino-int8 --split pranet-test-kvasir --reference runs/ultraseg/best.pt
+        edgeseg evaluate runs/mine/best.pt --data my-test-frames
     """
     from edgeseg.data import read_split, resolve_data_root
     from edgeseg.evaluate import evaluate_artefact, evaluate_split, torch_logits_fn, write_json_atomic
@@ -179,6 +211,7 @@ def evaluate(
     artefact = checkpoint is not None and checkpoint.is_dir()
     if reference is not None and not artefact:
         raise EdgesegError("--reference applies to an artefact folder (evaluate ARTEFACT --reference CKPT)")
+    data_root, split = _own_data(data, data_root, split, "--split", "pranet-test-kvasir")
     root = resolve_data_root(data_root)
     ids = read_split(split, root)
     if artefact:
@@ -275,21 +308,37 @@ def import_weights(
 def predict(
     model: Annotated[Path, typer.Argument(help="Checkpoint (.pt) or exported artefact folder.")],
     source: Annotated[Path, typer.Argument(help="Image, folder of images, or video.")],
-    out: Annotated[Path, typer.Option(help="Output folder: masks, overlays (or videos), latency.csv.")] = Path("pred"),
+    out: Annotated[Path, typer.Option(help="Output folder: masks/, overlays/ (for a video: the overlay and mask "
+                                        "videos plus lossless masks/frame_NNNNNN.png), latency.csv.")] = Path("pred"),
+    threshold: Annotated[Optional[float], typer.Option(help="Probability above which a pixel is polyp, in (0, 1) "
+                                                       "(default: the model's input contract, 0.5).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Inference threads (torch or the artefact's runtime; "
+                                                   "default: the runtime's).")] = None,
 ):
     """Segment an image, a folder or a video with a checkpoint or an artefact.
+
+    Overlays draw the predicted contour in yellow, with a legend ("prediction") in the top-left corner.
+    A progress bar goes to stderr when it is a terminal.
 
     Examples:
 
         edgeseg predict art/openvino-cpu frames/ --out pred/
         edgeseg predict runs/ultraseg/best.pt clip.mp4 --out pred-clip/
+
+        edgeseg predict best.pt frames/ --threshold 0.4 --threads 2
     """
     from edgeseg.fileio import check_output
-    from edgeseg.predict import predict_path
+    from edgeseg.predict import check_threshold, predict_path
+    from edgeseg.profiling import MAX_THREADS
 
+    if threshold is not None:
+        check_threshold(threshold)
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise EdgesegError(f"--threads must be between 1 and {MAX_THREADS}, got {threads} (leave it out for the "
+                           "runtime's default)")
     check_output(out, "folder")
-    logits_fn, contract = _load_for_inference(model)
-    summary = predict_path(logits_fn, contract, source, out)
+    logits_fn, contract = _load_for_inference(model, threads)
+    summary = predict_path(logits_fn, contract, source, out, threshold=threshold)
     typer.echo(f"{summary['frames']} frame(s), model p50 {summary['infer_ms_p50']:.2f} ms, end-to-end "
                f"{summary['end_to_end_fps']:.1f} FPS -> {out}")
 
@@ -506,18 +555,25 @@ def setup(
         raise EdgesegError(f"unknown setup {what!r}; use tflite or aarch64")
 
 
-def _load_for_inference(path: Path):
-    """(numpy logits function, input contract) of a checkpoint (torch) or an artefact (its own runtime)."""
+def _load_for_inference(path: Path, threads: int | None = None):
+    """(numpy logits function, input contract) of a checkpoint (torch) or an artefact (its own runtime), run
+    with ``threads`` threads (None: the runtime's default)."""
     from edgeseg.contract import InputContract
 
     folder = path if path.is_dir() else path.parent
-    if path.is_dir() or (folder / "config.json").is_file():
+    # A .pt file is a checkpoint even beside a config.json (a training run folder holds one too).
+    if path.is_dir() or (path.suffix != ".pt" and (folder / "config.json").is_file()):
         from edgeseg.export import make_runner, open_artefact
 
         folder, config = open_artefact(path)
-        return make_runner(folder, config), InputContract.from_dict(config["input_contract"])
+        return make_runner(folder, config, threads=threads), InputContract.from_dict(config["input_contract"])
     from edgeseg.checkpoint import load_model
     from edgeseg.evaluate import torch_logits_fn
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     model, contract, _ = load_model(path)
     return torch_logits_fn(model), contract
@@ -593,7 +649,10 @@ def targets():
 
 @calib_app.command("make")
 def calib_make(
-    split: Annotated[str, typer.Option(help="Split to draw from, minus its carved validation part.")] = "pranet-train",
+    split: Annotated[Optional[str], typer.Option(help="Split to draw from, minus its carved validation part "
+                                                 "(default: pranet-train).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Draw from your own folder (images/ and masks/) "
+                                                 "instead of a split.")] = None,
     n: Annotated[int, typer.Option(help="Number of images.")] = 300,
     exclude_split: Annotated[Optional[list[str]], typer.Option(help="Also exclude these splits (repeatable).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation fraction carved as training does.")] = 0.1,
@@ -610,6 +669,7 @@ def calib_make(
     from edgeseg.calibration import make_manifest, write_manifest
     from edgeseg.data import resolve_data_root
 
+    data_root, split = _own_data(data, data_root, split, "--split", "pranet-train")
     manifest = make_manifest(split, resolve_data_root(data_root), n=n, exclude=tuple(exclude_split or ()),
                              val_fraction=val_fraction, seed=seed)
     typer.echo(f"{len(manifest['images'])} images from {split} -> {write_manifest(manifest, out)}")

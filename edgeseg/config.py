@@ -23,7 +23,8 @@ class DistillConfig:
 @dataclass
 class TrainConfig:
     model: str = "ultraseg-108k"
-    train_split: str = "pranet-train"  # file, split name in <root>/splits, or seeded:<dataset>:<k>:<seed>:train
+    weights: str | None = None  # start from this checkpoint's weights (a file or a shipped name); same model
+    train_split: str = "pranet-train"  # file, name in <root>/splits, seeded:<ds>:<k>:<seed>:train, all:<ds>
     val_split: str | None = None  # None: carve val_fraction of the train split with `seed`
     val_fraction: float = 0.1
     data_root: str | None = None  # None: $EDGESEG_DATA, then ../shared/data
@@ -125,6 +126,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
             raise EdgesegError(f"--{name.replace('_', '-')} must not be empty")
     if cfg.val_split is not None and (not isinstance(cfg.val_split, str) or not cfg.val_split.strip()):
         raise EdgesegError("--val-split must not be empty")
+    if cfg.weights is not None and (not isinstance(cfg.weights, str) or not cfg.weights.strip()):
+        raise EdgesegError("--weights must name a checkpoint file or a shipped checkpoint")
     d = cfg.distill
     if d is not None:
         if not isinstance(d.teacher, str) or not d.teacher.strip():

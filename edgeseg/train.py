@@ -3,10 +3,11 @@
     edgeseg train --model ultraseg-108k --train-split pranet-train --val-fraction 0.1 --epochs 100 --out runs/u108
     torchrun --nproc_per_node 2 -m edgeseg.cli train ...      # DDP (gloo on CPU, nccl on GPU)
 
-Each epoch writes ``last.pt`` (with optimizer state, for ``--resume``), ``best.pt`` when validation mDice
-improves, a row of ``metrics.csv`` and ``curves.png``; all writes are atomic. A fresh run refuses a folder
-that already holds a run (``--resume`` continues it), and a run holds an exclusive lock on its folder for its
-lifetime, so a second run on the same folder is refused instead of interleaving writes.
+The run starts by writing its resolved config as ``config.json``. Each epoch writes ``last.pt`` (with optimizer
+state, for ``--resume``), ``best.pt`` when validation mDice improves, a row of ``metrics.csv`` (learning rate,
+train and validation loss, validation metrics, speed) and ``curves.png``; all writes are atomic. A fresh run
+refuses a folder that already holds a run (``--resume`` continues it), and a run holds an exclusive lock on its
+folder for its lifetime, so a second run on the same folder is refused instead of interleaving writes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from edgeseg.config import TrainConfig, check_config, config_differences
 from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root, split_hash
 from edgeseg.errors import EdgesegError
-from edgeseg.fileio import atomic_path, file_sha256
+from edgeseg.fileio import atomic_path, file_sha256, write_atomic
 from edgeseg.losses import SegLoss
 from edgeseg.metrics import SegMetrics
 from edgeseg.models import create_model
@@ -125,19 +126,35 @@ def _objective(cfg: TrainConfig, model, criterion, contract: InputContract):
 
 
 @torch.inference_mode()
-def validate(model: torch.nn.Module, data: SegDataset, batch_size: int = 16) -> dict:
-    """Network-resolution metrics of ``model`` on a (non-augmented) dataset."""
+def validate(model: torch.nn.Module, data: SegDataset, batch_size: int = 16,
+             criterion: torch.nn.Module | None = None) -> dict:
+    """Network-resolution metrics of ``model`` on a (non-augmented) dataset.
+
+    With ``criterion`` (the training :class:`SegLoss`) the result also holds ``loss``: that supervised
+    objective, deep-supervision terms included, on the same eval-mode forward (``forward_all``), averaged
+    over images. When distilling it leaves out the distillation terms, which need the teacher."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics()
+    loss_sum = 0.0
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         x = torch.from_numpy(np.stack([it[0] for it in items])).contiguous(memory_format=torch.channels_last)
-        probs = torch.sigmoid(model(x).float())[:, 0].numpy()
+        if criterion is not None:
+            out = model.forward_all(x)
+            mask, bnd = (torch.from_numpy(np.stack([it[k] for it in items])) for k in (1, 2))
+            loss_sum += criterion(out, mask, bnd)["loss"].item() * len(items)
+            logits = out["logits"]
+        else:
+            logits = model(x)
+        probs = torch.sigmoid(logits.float())[:, 0].numpy()
         for i, (p, it) in enumerate(zip(probs, items)):
             metrics.update(p, it[1][0].astype(bool), name=data.decoded.ids[start + i])
     model.train(was_training)
-    return metrics.compute()
+    result = metrics.compute()
+    if criterion is not None:
+        result["loss"] = loss_sum / max(len(data), 1)
+    return result
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv")  # a folder holding any of these holds a run
@@ -252,6 +269,29 @@ def _check_batches(cfg: TrainConfig, train_ids: list[str], world: int) -> None:
                            "larger split")
 
 
+def _start_weights(model: torch.nn.Module, cfg: TrainConfig) -> dict | None:
+    """``--weights``: load a checkpoint's weights (a file or a shipped name) into the fresh model, to fine-tune
+    it; one of another architecture is refused. Returns what the run records as its ``init``, or None."""
+    if cfg.weights is None:
+        return None
+    from edgeseg.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.weights)
+    ckpt = read_checkpoint(path)
+    if ckpt["model"] != cfg.model:
+        raise EdgesegError(f"--weights {cfg.weights} holds a {ckpt['model']!r} model, not --model {cfg.model!r}; "
+                           f"pass --model {ckpt['model']} or weights of {cfg.model}")
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise EdgesegError(f"--weights {cfg.weights} does not fit {cfg.model!r} "
+                           f"({(lines[1] if len(lines) > 1 else lines[0]).strip()[:120]}); it was saved with other "
+                           "model options or edited") from None
+    return {"weights": str(cfg.weights), "file": path.name, "sha256": file_sha256(path), "model": ckpt["model"],
+            "epoch": ckpt.get("epoch")}
+
+
 @torch.no_grad()
 def _check_input_size(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """One eval-mode forward at --size (no randomness, no statistics updated) before any data is decoded: some
@@ -286,6 +326,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model)
+    init = _start_weights(model, cfg)
     _check_input_size(model, cfg)
     contract = InputContract(size=cfg.size, mean=model.mean, std=model.std)
     train_data = SegDataset(load_decoded(root, train_ids, cfg.size, cache, cfg.strict_masks), contract,
@@ -297,6 +338,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     opt = _make_optimizer(cfg, objective)
     with contextlib.ExitStack() as stack:
         _claim_run_folder(stack, out, resume, rank, world)
+        if rank == 0:
+            _write_config(out, cfg)
         # Read last.pt again under the lock: another run may have finished epochs since the early check.
         start_epoch, best = _load_train_state(_resume_checkpoint(cfg, out, splits), objective, opt) if resume \
             else (0, -1.0)
@@ -317,7 +360,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             if rank == 0:
                 head = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
                 speed = {"epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
-                extra = dict(config=cfg.to_dict(), splits=splits, distill=distill_info)
+                extra = dict(config=cfg.to_dict(), splits=splits, distill=distill_info, init=init)
                 best = _validate_and_save(cfg, out, model, objective, opt, val_data, contract, head, speed, best,
                                           extra)
             if world > 1:
@@ -344,18 +387,19 @@ def _validate_and_save(cfg, out: Path, model, objective, opt, val_data, contract
     distilling), write best.pt if it improved, last.pt with the full training state, the CSV and the log.
     Returns the best validation mDice so far."""
     eval_model = objective.eval_model()
-    val = validate(eval_model, val_data)
+    val = validate(eval_model, val_data, criterion=objective.criterion)
     improved = val["mdice"] > best
     best = max(best, val["mdice"])
-    row = {**head, "val_mdice": val["mdice"], "val_miou": val["miou"], "val_dice_global": val["dice_global"], **speed}
+    row = {**head, "val_loss": val["loss"], "val_mdice": val["mdice"], "val_miou": val["miou"],
+           "val_dice_global": val["dice_global"], **speed}
     extra = dict(extra, epoch=row["epoch"], metrics=row, best_mdice=best)
     if improved:
         save_atomic(make_checkpoint(eval_model, contract, **extra), out / "best.pt")
     train_state = {"student": model.state_dict(), "optimizer": opt.state_dict(), "objective": objective.extra_state()}
     save_atomic(make_checkpoint(eval_model, contract, train_state=train_state, **extra), out / "last.pt")
     _log_epoch(out, row)
-    log.info("epoch %d/%d loss %.4f val mDice %.4f (best %.4f) %.1f img/s", row["epoch"], cfg.epochs,
-             row["train_loss"], val["mdice"], best, row["img_per_s"])
+    log.info("epoch %d/%d loss %.4f val loss %.4f val mDice %.4f (best %.4f) %.1f img/s", row["epoch"], cfg.epochs,
+             row["train_loss"], row["val_loss"], val["mdice"], best, row["img_per_s"])
     return best
 
 
@@ -388,7 +432,20 @@ def _train_epoch(cfg, net, objective, opt, loader, epoch: int, rank: int) -> flo
     return total / max(n, 1)
 
 
+def _write_config(out: Path, cfg: TrainConfig) -> None:
+    """The run's resolved config (recipe, defaults and options applied) as config.json, for reading; last.pt
+    and best.pt keep the same dict under ``config``. Written atomically at the start (a resumed run has the
+    same config: --resume refuses any other)."""
+    import json
+
+    write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+
+
 def _log_epoch(out: Path, row: dict) -> None:
+    """Rewrite metrics.csv with this epoch's row (one row per epoch: ``epoch``, ``lr`` (the learning rate of
+    the epoch's last step), ``train_loss`` (mean over the epoch's steps), ``val_loss`` (the same supervised
+    objective on the validation set, see :func:`validate`), the validation metrics and the speed), then
+    curves.png. Rows of a run started before a column existed keep that cell empty."""
     path = out / "metrics.csv"
     rows = []
     if path.is_file():
@@ -396,7 +453,7 @@ def _log_epoch(out: Path, row: dict) -> None:
             rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
     rows.append({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        w = csv.DictWriter(f, fieldnames=list(row), restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     _plot_curves(out, rows)
@@ -407,15 +464,28 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def col(name: str) -> list[float]:  # an empty cell (a column added after the run started) is a gap
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
 
     ep = [int(r["epoch"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [float(r["train_loss"]) for r in rows])
-    a.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    b.plot(ep, [float(r["val_mdice"]) for r in rows], label="val mDice")
-    b.plot(ep, [float(r["val_miou"]) for r in rows], label="val mIoU")
+    marker = "o" if len(rows) < 30 else None  # a single epoch is still visible
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    a.plot(ep, col("train_loss"), marker=marker, label="train")
+    a.plot(ep, col("val_loss"), marker=marker, label="validation")
+    a.set(xlabel="epoch", ylabel="loss", title="loss (supervised objective)")
+    a.legend()
+    b.plot(ep, col("val_mdice"), marker=marker, label="val mDice")
+    b.plot(ep, col("val_miou"), marker=marker, label="val mIoU")
     b.set(xlabel="epoch", title="validation")
     b.legend()
+    c.plot(ep, col("lr"), marker=marker)
+    c.set(xlabel="epoch", ylabel="lr at the epoch's last step", title="learning rate")
+    c.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
+    for ax in (a, b, c):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(out / "curves.png") as tmp:
         fig.savefig(tmp, dpi=100)

@@ -38,6 +38,46 @@ def test_training_writes_complete_checkpoints(tiny_split, data_root, tmp_path):
     model, contract, _ = load_model(best)
     assert not model.training and contract.size == 64
     assert "train_state" not in read_checkpoint(best)
+    assert json.loads((run / "config.json").read_text()) == ckpt["config"]  # the resolved config, readable
+
+
+def test_run_folder_is_readable(tiny_split, data_root, tmp_path, cli):
+    """config.json at the start, metrics.csv with lr, train and validation loss, curves.png; and predict still
+    takes the run's best.pt as a checkpoint although a config.json sits beside it."""
+    run = tmp_path / "run"
+    train_mod.run(_cfg(tiny_split, data_root, run, epochs=1))
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "ultraseg-108k" and config["size"] == 64 and config["epochs"] == 1
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 1 and {"lr", "train_loss", "val_loss"} <= set(rows[0])
+    assert all(float(rows[0][k]) > 0 for k in ("lr", "train_loss", "val_loss"))
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = sorted((data_root / "kvasir-seg" / "images").iterdir())[0]
+    code, _, err = cli("predict", run / "best.pt", image, "--out", tmp_path / "pred")
+    assert code == 0, err
+
+
+def test_curves_have_integer_epoch_ticks(tmp_path):
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [{"epoch": str(e), "lr": "0.001", "train_loss": "1.0", "val_loss": "", "val_mdice": "0.5",
+             "val_miou": "0.4"} for e in (1, 2)]  # val_loss empty: a run started before the column existed
+    import matplotlib.pyplot as plt
+
+    real_close = plt.close
+    figs = []
+    plt.close = lambda fig=None: figs.append(fig)
+    try:
+        train_mod._plot_curves(tmp_path, rows)
+    finally:
+        plt.close = real_close
+    fig = figs[0]
+    for ax in fig.axes:
+        assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 2]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    real_close(fig)
+    assert (tmp_path / "curves.png").is_file()
 
 
 def test_resume_after_interruption_is_bit_identical(tiny_split, data_root, tmp_path, monkeypatch):

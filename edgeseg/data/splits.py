@@ -4,11 +4,17 @@ A split is a sorted list of ``<dataset>/<id>`` strings. Three protocols produce 
   * a fixed list file (a path, or a name such as ``pranet-train`` looked up in ``<root>/splits/``);
   * a seeded k:1 split of a whole dataset folder: ``seeded:<dataset>:<k>:<seed>:train|test``
     (the seed papers' 80:20 split is ``seeded:kvasir-seg:4:42:train``);
+  * every pair of one dataset folder: ``all:<dataset>`` (how ``--data DIR`` names the user's own folder);
   * a validation subset carved from a training split with a seed (:func:`carve_validation`).
+
+A dataset folder holds ``images/`` and ``masks/`` paired by file stem; images may be JPEG, PNG, BMP or TIFF
+(read by content), masks too (PNG preferred). ``--data DIR`` is the data root ``DIR/..`` with the split
+``all:<DIR's name>``, so its ids are ``<DIR's name>/<stem>`` and go through the same checks as any other id.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import random
@@ -18,7 +24,11 @@ from pathlib import Path
 from edgeseg.errors import EdgesegError
 
 ENV_VAR = "EDGESEG_DATA"
-IMAGE_SUFFIX, MASK_SUFFIX = ".jpg", ".png"
+IMAGE_SUFFIX, MASK_SUFFIX = ".jpg", ".png"  # the shared datasets' layout; looked up first
+# Accepted file suffixes (any case), in lookup order: the first that exists names the file of an id.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+ALL_PREFIX = "all:"
 
 
 def resolve_data_root(option: str | os.PathLike | None = None) -> Path:
@@ -54,39 +64,109 @@ def check_id(sid: str, where: str = "") -> str:
     return sid
 
 
+def _find(folder: Path, name: str, suffixes: tuple[str, ...]) -> Path:
+    """The file ``folder/name.<suffix>`` for the first accepted suffix that exists (as written, upper case, or
+    any other case); the first suffix's path when none does, so a missing file is reported by that name."""
+    for suffix in suffixes:
+        for variant in (suffix, suffix.upper()):
+            path = folder / f"{name}{variant}"
+            if path.is_file():
+                return path
+    if folder.is_dir():  # mixed-case suffixes (.Jpg): rare, so only then list the folder
+        for suffix in suffixes:
+            for path in folder.glob(f"{glob.escape(name)}.*"):
+                if path.stem == name and path.suffix.lower() == suffix and path.is_file():
+                    return path
+    return folder / f"{name}{suffixes[0]}"
+
+
 def image_path(root: Path, sid: str) -> Path:
     dataset, name = check_id(sid).split("/", 1)
-    return root / dataset / "images" / f"{name}{IMAGE_SUFFIX}"
+    return _find(root / dataset / "images", name, IMAGE_SUFFIXES)
 
 
 def mask_path(root: Path, sid: str) -> Path:
     dataset, name = check_id(sid).split("/", 1)
-    return root / dataset / "masks" / f"{name}{MASK_SUFFIX}"
+    return _find(root / dataset / "masks", name, MASK_SUFFIXES)
+
+
+def _stems(folder: Path, suffixes: tuple[str, ...], what: str) -> set[str]:
+    """Stems of the accepted files in ``folder``, hidden ones (``._x.jpg`` from macOS) left out; two files of one
+    stem (a.jpg and a.png) and names that are not valid UTF-8 are refused."""
+    seen: dict[str, str] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file():
+            try:
+                p.name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise EdgesegError(f"{folder} holds a file whose name is not valid UTF-8 "
+                                   f"({p.name.encode('utf-8', 'replace').decode()!r}); rename it") from None
+            if p.stem in seen:
+                raise EdgesegError(f"{folder} holds two {what} named {p.stem!r} ({seen[p.stem]} and {p.name}); "
+                                   "keep one")
+            seen[p.stem] = p.name
+    return set(seen)
+
+
+def _few(names: set[str], n: int = 5) -> str:
+    first = sorted(names)[:n]
+    return ", ".join(first) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _list_dataset(root: Path, dataset: str) -> list[str]:
     folder = root / dataset
     if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
+        missing = " and ".join(d for d in ("images/", "masks/") if not (folder / d).is_dir())
+        if folder.is_dir():
+            raise EdgesegError(f"dataset folder {folder} has no {missing}; it needs images/ and masks/ with one "
+                               "mask per image, paired by file name (jpg, png, bmp or tif)")
         known = sorted(p.name for p in root.iterdir() if (p / "images").is_dir())
         raise EdgesegError(f"dataset {dataset!r} not found under {root} (needs images/ and masks/); "
                            f"found: {', '.join(known) or 'none'}")
-    images = {p.stem for p in (folder / "images").glob(f"*{IMAGE_SUFFIX}")}
-    masks = {p.stem for p in (folder / "masks").glob(f"*{MASK_SUFFIX}")}
+    kinds = "jpg, png, bmp or tif"
+    images = _stems(folder / "images", IMAGE_SUFFIXES, "images")
+    masks = _stems(folder / "masks", MASK_SUFFIXES, "masks")
+    if not images and not masks:
+        raise EdgesegError(f"dataset folder {folder} holds no images or masks ({kinds} files in images/ and "
+                           "masks/)")
     if images - masks:
-        name = sorted(images - masks)[0]
-        raise EdgesegError(f"image {folder / 'images' / (name + IMAGE_SUFFIX)} has no mask "
-                           f"{folder / 'masks' / (name + MASK_SUFFIX)}; add the mask or remove the image")
+        lone = images - masks
+        raise EdgesegError(f"{len(lone)} image(s) in {folder / 'images'} have no mask of the same name in "
+                           f"{folder / 'masks'}: {_few(lone)}; add the masks or remove the images")
     if masks - images:
-        name = sorted(masks - images)[0]
-        raise EdgesegError(f"mask {folder / 'masks' / (name + MASK_SUFFIX)} has no image; "
-                           "add the image or remove the mask")
-    return sorted(f"{dataset}/{n}" for n in images)
+        lone = masks - images
+        raise EdgesegError(f"{len(lone)} mask(s) in {folder / 'masks'} have no image of the same name in "
+                           f"{folder / 'images'}: {_few(lone)}; add the images or remove the masks")
+    return sorted(check_id(f"{dataset}/{n}", where=str(folder)) for n in images)
+
+
+def _all_split(spec: str, root: Path) -> list[str]:
+    dataset = spec[len(ALL_PREFIX):]
+    if dataset in ("", ".", "..") or "/" in dataset or "\\" in dataset or "\0" in dataset:
+        raise EdgesegError(f"bad split spec {spec!r}; expected all:<dataset>, a folder of the data root holding "
+                           "images/ and masks/")
+    return _list_dataset(root, dataset)
+
+
+def folder_dataset(folder: str | os.PathLike) -> tuple[Path, str]:
+    """``--data DIR`` as (data root, split spec): the parent folder and ``all:<DIR's name>``, after checking
+    that DIR is a folder; its contents are checked when the split is read."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise EdgesegError(f"--data {folder} {what}; give a folder holding images/ and masks/")
+    path = path.resolve()
+    if path.parent == path:
+        raise EdgesegError(f"--data {folder} is the file system root; give a folder holding images/ and masks/")
+    return path.parent, f"{ALL_PREFIX}{path.name}"
 
 
 def read_split(spec: str, root: Path) -> list[str]:
     """Resolve a split spec (file path, split name, or ``seeded:...``) into sorted, checked ids."""
     if spec.startswith("seeded:"):
         return _seeded_split(spec, root)
+    if spec.startswith(ALL_PREFIX):
+        return _all_split(spec, root)
     path = Path(spec)
     if not path.is_file():
         named = root / "splits" / f"{spec.removesuffix('.txt')}.txt"

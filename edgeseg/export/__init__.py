@@ -283,7 +283,7 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
     from edgeseg.calibration import check_manifest, read_manifest
     from edgeseg.checkpoint import load_model, resolve_checkpoint
     from edgeseg.data.splits import resolve_data_root
-    from edgeseg.export.parity import budget, resolve_parity_ids
+    from edgeseg.export.parity import budget, checkpoint_parity_ids, resolve_parity_ids
 
     target = get_target(target_id)
     precision = target.resolve_precision(precision)
@@ -293,8 +293,12 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
     out = check_output(out, "folder", what="the artefact folder")
     _check_out(out)
     model, contract, ckpt = load_model(checkpoint)
-    root = resolve_data_root(data_root)
-    parity_ids, parity_desc = resolve_parity_ids(parity_split, root)
+    own = checkpoint_parity_ids(ckpt, data_root) if parity_split is None else None
+    if own is not None:  # default: the checkpoint's own validation frames, from the root it was trained on
+        parity_ids, root, parity_desc = own
+    else:
+        root = resolve_data_root(data_root)
+        parity_ids, parity_desc = resolve_parity_ids(parity_split, root)
     manifest = None
     if target.needs_calibration(precision):
         manifest = read_manifest(calib)
@@ -380,7 +384,7 @@ def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, 
     from edgeseg.evaluate import torch_logits_fn
     from edgeseg.export._prepare import prepare_for_inference
     from edgeseg.export.onnx import torch_to_onnx
-    from edgeseg.export.parity import load_frames, measure, run_batched
+    from edgeseg.export.parity import few_frames_note, load_frames, measure, run_batched
 
     times = {}
     t0 = time.perf_counter()
@@ -406,6 +410,9 @@ def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, 
     parity = {**measure(ref, logits, frames.masks), "budget": max_delta, "precision": precision,
               "target": target.id, "split": frames.description, "ids": list(frames.ids),
               "runtime": getattr(runner, "effective", {})}
+    note = few_frames_note(len(frames.ids))
+    if note is not None:
+        parity.update(few_frames=True, note=note)
     times["parity"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
     config["timings_s"] = {k: round(v, 2) for k, v in times.items()}

@@ -19,6 +19,7 @@ from edgeseg.errors import EdgesegError
 MAX_DELTA = {"fp32": 0.001, "fp16": 0.003, "int8": 0.005}
 # Default parity split: the first frames of the validation set that training carves from pranet-train.
 DEFAULT_SPLIT, DEFAULT_VAL_FRACTION, DEFAULT_SEED, DEFAULT_N = "pranet-train", 0.1, 42, 100
+FEW_FRAMES = 50  # parity on fewer frames is recorded as such: a 0.001 budget means little on 4 images
 BATCH = 8
 
 
@@ -47,6 +48,43 @@ def resolve_parity_ids(spec: str | None, root: Path) -> tuple[list[str], str]:
     ids = carve_validation(read_split(DEFAULT_SPLIT, root), DEFAULT_VAL_FRACTION, DEFAULT_SEED)[1][:DEFAULT_N]
     return ids, (f"carve_validation({DEFAULT_SPLIT}, {DEFAULT_VAL_FRACTION}, seed={DEFAULT_SEED})"
                  f"[val][:{DEFAULT_N}]")
+
+
+def checkpoint_parity_ids(ckpt: dict, data_root=None) -> tuple[list[str], Path, str] | None:
+    """The checkpoint's own validation frames (its first ``DEFAULT_N``) as (ids, data root, description), when
+    its training record (config + split sha256) names them and they are found unchanged: under ``data_root``
+    if given, else the root it was trained from, else the default root. None otherwise (no record, data
+    moved or edited), and export then uses the default split."""
+    from edgeseg.data.splits import carve_validation, read_split, resolve_data_root, split_hash
+
+    cfg, splits = ckpt.get("config"), ckpt.get("splits")
+    if not isinstance(cfg, dict) or not isinstance(splits, dict) or not isinstance(splits.get("val"), str):
+        return None
+    trained_root = cfg.get("data_root")
+    try:
+        if data_root is None and isinstance(trained_root, str) and Path(trained_root).is_dir():
+            root = Path(trained_root)
+        else:
+            root = resolve_data_root(data_root)
+        if cfg.get("val_split"):
+            ids, desc = read_split(cfg["val_split"], root), str(cfg["val_split"])
+        else:
+            fraction, seed = cfg.get("val_fraction"), cfg.get("seed")
+            ids = carve_validation(read_split(cfg["train_split"], root), fraction, seed)[1]
+            desc = f"carve_validation({cfg['train_split']}, {fraction}, seed={seed})[val]"
+    except (EdgesegError, KeyError, TypeError, ValueError):
+        return None
+    if split_hash(ids) != splits["val"]:
+        return None
+    return ids[:DEFAULT_N], root, f"{desc}[:{DEFAULT_N}], the checkpoint's validation frames"
+
+
+def few_frames_note(n: int) -> str | None:
+    """A note for the parity record when it rests on fewer than ``FEW_FRAMES`` frames, else None."""
+    if n >= FEW_FRAMES:
+        return None
+    return (f"parity measured on only {n} frame(s) (fewer than {FEW_FRAMES}); pass --parity-split with more "
+            "held-out frames for a firmer gate")
 
 
 def load_frames(root: Path, ids: list[str], contract, description: str) -> Frames:
@@ -99,4 +137,5 @@ def summary_line(target_id: str, precision: str, p: dict) -> str:
     return (f"{target_id} {precision}: delta {p['delta']:+.5f} (budget {p['budget']}) mdice_ref "
             f"{p['mdice_ref']:.4f} mdice {p['mdice']:.4f} worst_image_drop {p['worst_image_drop']:.4f} "
             f"pixel_agreement {p['pixel_agreement']:.5f} max_abs_logit_diff {p['max_abs_logit_diff']:.3g} "
-            f"on {p['n_images']} images" + (f", f16 {f16}" if (f16 := p.get("runtime", {}).get("f16")) else ""))
+            f"on {p['n_images']} images" + (" (few frames)" if p.get("few_frames") else "")
+            + (f", f16 {f16}" if (f16 := p.get("runtime", {}).get("f16")) else ""))
