@@ -556,27 +556,11 @@ def setup(
 
 
 def _load_for_inference(path: Path, threads: int | None = None):
-    """(numpy logits function, input contract) of a checkpoint (torch) or an artefact (its own runtime), run
-    with ``threads`` threads (None: the runtime's default)."""
-    from edgeseg.contract import InputContract
+    """(numpy logits function, input contract) of a checkpoint (torch) or an artefact (its own runtime)."""
+    from edgeseg.api import load
 
-    folder = path if path.is_dir() else path.parent
-    # A .pt file is a checkpoint even beside a config.json (a training run folder holds one too).
-    if path.is_dir() or (path.suffix != ".pt" and (folder / "config.json").is_file()):
-        from edgeseg.export import make_runner, open_artefact
-
-        folder, config = open_artefact(path)
-        return make_runner(folder, config, threads=threads), InputContract.from_dict(config["input_contract"])
-    from edgeseg.checkpoint import load_model
-    from edgeseg.evaluate import torch_logits_fn
-
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-    model, contract, _ = load_model(path)
-    return torch_logits_fn(model), contract
+    model = load(path, threads)
+    return model.logits, model.contract
 
 
 def _check_model_name(name: str) -> None:
