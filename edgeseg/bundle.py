@@ -30,7 +30,6 @@ manifest's tolerance can only tighten it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -53,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
-from edgeseg.fileio import atomic_path, check_output, current_umask, default_file_mode, make_folder
+from edgeseg.fileio import atomic_path, check_output, current_umask, default_file_mode, make_folder, write_atomic
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION = "edgeseg-bundle", 1
@@ -102,39 +101,13 @@ def generate_key(out: str | os.PathLike) -> tuple[Path, Path, str]:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_new(private, pem, 0o600)
+    write_atomic(private, pem, mode=0o600, overwrite=False)
     try:
-        _write_new(public, pub, default_file_mode())
+        write_atomic(public, pub, overwrite=False)
     except EdgesegError:
         private.unlink()
         raise
     return private, public, key_fingerprint(key.public_key())
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` atomically with ``mode``, never replacing an existing file (the temp file is hard-linked
-    into place, which fails if the name exists)."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        try:
-            os.link(tmp, path)
-        except OSError as e:  # a file system without hard links: a (racy) check, then a rename
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK) or os.path.lexists(path):
-                raise
-            os.rename(tmp, path)
-    except FileExistsError:
-        raise EdgesegError(f"{path} exists; refusing to overwrite a key") from None
-    except OSError as e:
-        raise EdgesegError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:

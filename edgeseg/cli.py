@@ -329,13 +329,11 @@ def predict(
     """
     from edgeseg.fileio import check_output
     from edgeseg.predict import check_threshold, predict_path
-    from edgeseg.profiling import MAX_THREADS
+    from edgeseg.profiling import check_threads
 
     if threshold is not None:
         check_threshold(threshold)
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise EdgesegError(f"--threads must be between 1 and {MAX_THREADS}, got {threads} (leave it out for the "
-                           "runtime's default)")
+    check_threads(threads, "the runtime's default")
     check_output(out, "folder")
     logits_fn, contract = _load_for_inference(model, threads)
     summary = predict_path(logits_fn, contract, source, out, threshold=threshold)

@@ -3,6 +3,7 @@ sees a half-written file and a failed write leaves the earlier file in place) an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -38,12 +39,14 @@ def make_folder(folder: str | os.PathLike, what: str = "the output folder") -> P
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, mode: int | None = None, overwrite: bool = True) -> Iterator[Path]:
     """A temp path beside ``path`` (same suffix, so writers that go by the extension work) to write into.
 
-    On a normal exit it gets the permissions of a newly created file (mkstemp makes it private) and replaces
-    ``path``; on an exception it is removed and ``path`` is left as it was. The folder is created if missing.
-    An OSError (unwritable folder, full disk, a folder at ``path``) becomes an EdgesegError naming ``path``.
+    The temp file is created private (mkstemp). On a normal exit it gets ``mode`` (default: the permissions of
+    a newly created file) and replaces ``path``; with ``overwrite=False`` it is synced to disk and hard-linked
+    into place instead, which never replaces an existing file (an EdgesegError if one is there). On an
+    exception it is removed and ``path`` is left as it was. The folder is created if missing. An OSError
+    (unwritable folder, full disk, a folder at ``path``) becomes an EdgesegError naming ``path``.
     """
     path = Path(path)
     make_folder(path.parent, f"the folder of {path}")
@@ -52,8 +55,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
         os.close(fd)
         yield Path(tmp)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        os.chmod(tmp, default_file_mode() if mode is None else mode)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except FileExistsError:
+        raise EdgesegError(f"{path} exists; refusing to overwrite it") from None
     except OSError as e:
         raise EdgesegError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
@@ -61,14 +69,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _link_new(tmp: str, path: Path) -> None:
+    """Put the synced file ``tmp`` at ``path`` only if nothing is there (a hard link fails if the name exists)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except OSError as e:  # a file system without hard links: a (racy) check, then a rename
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK) or os.path.lexists(path):
+            raise
+        os.rename(tmp, path)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` (str as UTF-8) to ``path`` atomically. EdgesegError on failure."""
-    with atomic_path(path) as tmp:
+def write_atomic(path: str | os.PathLike, data: bytes | str, mode: int | None = None,
+                 overwrite: bool = True) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` atomically (``mode``, ``overwrite``: see :func:`atomic_path`).
+    EdgesegError on failure."""
+    with atomic_path(path, mode, overwrite) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
 

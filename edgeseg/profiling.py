@@ -67,10 +67,15 @@ def check_timing_options(runs: int | None = None, warmup: int | None = None, dur
         raise EdgesegError(f"--warmup must be 0 or more, got {warmup}")
     if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
         raise EdgesegError(f"--duration must be a number of seconds above 0, got {duration_s}")
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise EdgesegError(f"--threads must be between 1 and {MAX_THREADS}, got {threads} (leave it out for the "
-                           "target's default)")
+    check_threads(threads, "the target's default")
     _check_core(pin_core)
+
+
+def check_threads(threads: int | None, default: str) -> None:
+    """Refuse a ``--threads`` outside [1, MAX_THREADS]; ``default`` says what leaving it out gives."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise EdgesegError(f"--threads must be between 1 and {MAX_THREADS}, got {threads} (leave it out for "
+                           f"{default})")
 
 
 def _check_core(core: int | None) -> None:

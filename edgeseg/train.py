@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from edgeseg.checkpoint import load_model, make_checkpoint, read_checkpoint, save_atomic
 from edgeseg.config import TrainConfig, check_config, config_differences
 from edgeseg.contract import InputContract
-from edgeseg.data import Augment, SegDataset, carve_validation, load_decoded, read_split, resolve_data_root, split_hash
+from edgeseg.data import Augment, SegDataset, load_decoded, resolve_data_root, split_hash, train_val_ids
 from edgeseg.errors import EdgesegError
 from edgeseg.fileio import atomic_path, file_sha256, write_atomic
 from edgeseg.losses import SegLoss
@@ -63,18 +63,6 @@ def _dist_setup() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _splits(cfg: TrainConfig, root: Path) -> tuple[list[str], list[str]]:
-    train_ids = read_split(cfg.train_split, root)
-    if cfg.val_split:
-        val_ids = read_split(cfg.val_split, root)
-        overlap = set(train_ids) & set(val_ids)
-        if overlap:
-            raise EdgesegError(f"validation split {cfg.val_split} shares {len(overlap)} ids with the train split "
-                               f"(e.g. {sorted(overlap)[0]}); use disjoint splits or --val-fraction")
-        return train_ids, val_ids
-    return carve_validation(train_ids, cfg.val_fraction, cfg.seed)
 
 
 class PlainObjective(torch.nn.Module):
@@ -315,7 +303,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_num_threads(cfg.threads)
     root = resolve_data_root(cfg.data_root)
     out = Path(cfg.out)
-    train_ids, val_ids = _splits(cfg, root)
+    train_ids, val_ids = train_val_ids(cfg.train_split, cfg.val_split, cfg.val_fraction, cfg.seed, root)
     _check_batches(cfg, train_ids, world)
     splits = {"train": split_hash(train_ids), "val": split_hash(val_ids), "train_n": len(train_ids),
               "val_n": len(val_ids)}

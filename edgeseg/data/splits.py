@@ -161,6 +161,21 @@ def folder_dataset(folder: str | os.PathLike) -> tuple[Path, str]:
     return path.parent, f"{ALL_PREFIX}{path.name}"
 
 
+def train_val_ids(train_split: str, val_split: str | None, val_fraction: float, seed: int,
+                  root: Path) -> tuple[list[str], list[str]]:
+    """The (train, validation) ids of a run: ``val_split`` (disjoint from the train split), or ``val_fraction``
+    of the train split carved with ``seed``."""
+    train_ids = read_split(train_split, root)
+    if val_split:
+        val_ids = read_split(val_split, root)
+        overlap = set(train_ids) & set(val_ids)
+        if overlap:
+            raise EdgesegError(f"validation split {val_split} shares {len(overlap)} ids with the train split "
+                               f"(e.g. {sorted(overlap)[0]}); use disjoint splits or --val-fraction")
+        return train_ids, val_ids
+    return carve_validation(train_ids, val_fraction, seed)
+
+
 def read_split(spec: str, root: Path) -> list[str]:
     """Resolve a split spec (file path, split name, or ``seeded:...``) into sorted, checked ids."""
     if spec.startswith("seeded:"):

@@ -55,7 +55,7 @@ def checkpoint_parity_ids(ckpt: dict, data_root=None) -> tuple[list[str], Path, 
     its training record (config + split sha256) names them and they are found unchanged: under ``data_root``
     if given, else the root it was trained from, else the default root. None otherwise (no record, data
     moved or edited), and export then uses the default split."""
-    from edgeseg.data.splits import carve_validation, read_split, resolve_data_root, split_hash
+    from edgeseg.data.splits import resolve_data_root, split_hash, train_val_ids
 
     cfg, splits = ckpt.get("config"), ckpt.get("splits")
     if not isinstance(cfg, dict) or not isinstance(splits, dict) or not isinstance(splits.get("val"), str):
@@ -66,12 +66,10 @@ def checkpoint_parity_ids(ckpt: dict, data_root=None) -> tuple[list[str], Path, 
             root = Path(trained_root)
         else:
             root = resolve_data_root(data_root)
-        if cfg.get("val_split"):
-            ids, desc = read_split(cfg["val_split"], root), str(cfg["val_split"])
-        else:
-            fraction, seed = cfg.get("val_fraction"), cfg.get("seed")
-            ids = carve_validation(read_split(cfg["train_split"], root), fraction, seed)[1]
-            desc = f"carve_validation({cfg['train_split']}, {fraction}, seed={seed})[val]"
+        fraction, seed = cfg.get("val_fraction"), cfg.get("seed")
+        ids = train_val_ids(cfg["train_split"], cfg.get("val_split"), fraction, seed, root)[1]
+        desc = str(cfg["val_split"]) if cfg.get("val_split") else \
+            f"carve_validation({cfg['train_split']}, {fraction}, seed={seed})[val]"
     except (EdgesegError, KeyError, TypeError, ValueError):
         return None
     if split_hash(ids) != splits["val"]:
