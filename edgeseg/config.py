@@ -35,6 +35,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-2
     min_lr: float = 1e-5  # cosine floor
+    pretrained_lr_scale: float = 0.3  # lr multiplier of modules that start from pretrained weights (an encoder)
     cosine_period: int | None = None  # None: one half-cosine over the run; MALUNet uses a 50-epoch T_max
     size: int = 256  # network input, multiple of 32
     seed: int = 42
@@ -114,6 +115,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     check_float(cfg.lr, "--lr", 0.0, 10.0, lo_open=True)
     check_float(cfg.min_lr, "min_lr", 0.0, 10.0)
     check_float(cfg.weight_decay, "weight_decay", 0.0, 10.0)
+    check_float(cfg.pretrained_lr_scale, "pretrained_lr_scale", 0.0, 10.0)
     check_int(cfg.cosine_period, "cosine_period", 1, 100_000, none_ok=True)
     check_float(cfg.val_fraction, "--val-fraction", 0.0, 1.0, lo_open=True, hi_open=True)
     check_int(cfg.seed, "--seed", 0, MAX_SEED)

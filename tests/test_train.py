@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import socket
@@ -52,6 +53,12 @@ def test_run_folder_is_readable(tiny_split, data_root, tmp_path, cli):
     assert len(rows) == 1 and {"lr", "train_loss", "val_loss"} <= set(rows[0])
     assert all(float(rows[0][k]) > 0 for k in ("lr", "train_loss", "val_loss"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("tensorboard"):  # the optional TensorBoard log (the test extra installs it)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard")).Reload()
+        assert {"train/train_loss", "train/lr", "val/loss", "val/mdice"} <= set(events.Tags()["scalars"])
+        assert events.Scalars("val/mdice")[0].value == pytest.approx(float(rows[0]["val_mdice"]), rel=1e-4)
     image = sorted((data_root / "kvasir-seg" / "images").iterdir())[0]
     code, _, err = cli("predict", run / "best.pt", image, "--out", tmp_path / "pred")
     assert code == 0, err
