@@ -428,7 +428,12 @@ def bundle(
 
         if not parity["ids"]:
             raise EdgesegError(f"{artefact} has no parity frames recorded; pass --golden IMAGE")
-        golden = image_path(resolve_data_root(data_root), parity["ids"][0])
+        root = resolve_data_root(data_root)
+        golden = image_path(root, parity["ids"][0])
+        if not golden.is_file():  # e.g. an artefact of the user's own folder, bundled without naming it
+            raise EdgesegError(f"the golden frame (the first parity frame, {parity['ids'][0]}) is not under {root}; "
+                               f"pass --data-root (the folder that holds {parity['ids'][0].split('/')[0]}/) or "
+                               "--golden IMAGE")
     path = make_bundle(artefact, out, read_rgb(golden), key)
     written = read_bundle(path, key.public_key() if key is not None else None)
     typer.echo(f"{path} (manifest sha256 {written.manifest_sha256}), {written.authenticity}")
@@ -544,7 +549,7 @@ def setup(
     if what == "tflite":
         from edgeseg.export.tflite import setup_litert_env
 
-        typer.echo(setup_litert_env(quiet=False))
+        setup_litert_env(progress=typer.echo)
     elif what == "aarch64":
         from edgeseg.export.aarch64 import ensure_sysroot
 

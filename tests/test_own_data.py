@@ -86,6 +86,14 @@ def test_new_user_trains_fine_tunes_exports_evaluates_and_predicts(cli, own, fir
     assert code == 0, err
     assert f"{N_FRAMES} frame(s)" in out
 
+    # the bundle's golden frame is the first parity frame: found under --data-root, or asked for in one line
+    code, out, err = cli("bundle", art, "--out", tmp_path / "unit.tar.gz")
+    assert code == 2 and "pass --data-root (the folder that holds own/) or --golden IMAGE" in err
+    code, out, err = cli("bundle", art, "--out", tmp_path / "unit.tar.gz", "--data-root", own.parent)
+    assert code == 0, err
+    code, out, err = cli("verify", tmp_path / "unit.tar.gz")
+    assert code == 0, err
+
 
 def test_calibration_manifest_from_own_data(cli, own, tmp_path):
     code, out, err = cli("calib", "make", "--data", own, "--n", "8", "--out", tmp_path / "c.json")

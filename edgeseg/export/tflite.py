@@ -40,8 +40,9 @@ Environment decision (measured 2026-11 against this project's main environment):
   interpreter**: ``_litert_worker.py`` is a standalone script (torch + litert only, no edgeseg import),
   started as a subprocess with, in order of preference, ``$EDGESEG_LITERT_PYTHON``; the current
   interpreter if it can import litert_torch and ai_edge_quantizer (a single-environment install is
-  therefore also supported); or the venv made by :func:`setup_litert_env` under
-  ``$EDGESEG_CACHE/venv-litert`` (default ``~/.cache/edgeseg/venv-litert``). That venv holds only the
+  therefore also supported); or the venv made by :func:`setup_litert_env` at
+  ``$EDGESEG_CACHE/venv-litert-<key>`` (default ``~/.cache/edgeseg/``; one per Python environment, the key
+  hashes ``sys.prefix``, since the venv shares that environment's torch and edgeseg). That venv holds only the
   litert stack (~0.94 GB: jaxlib, litert_converter, transformers...) and sees the parent environment's
   site-packages (torch is shared, never reinstalled: pip runs with a ``torch==<installed>`` constraint);
   creating it takes 1-3 min. The **runtime** is ``ai-edge-litert==2.3.0``, which
@@ -52,6 +53,7 @@ Environment decision (measured 2026-11 against this project's main environment):
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -104,6 +106,13 @@ def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+def default_litert_venv() -> Path:
+    """This installation's own conversion venv: one per Python environment (keyed by ``sys.prefix``), because
+    the venv shares that environment's torch and edgeseg, so one venv must never serve another environment."""
+    key = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return _cache_dir() / f"venv-litert-{key}"
+
+
 def litert_python() -> str:
     """The interpreter that runs the conversion worker (see the module docstring for the order)."""
     explicit = os.environ.get("EDGESEG_LITERT_PYTHON")
@@ -111,30 +120,38 @@ def litert_python() -> str:
         return explicit
     if importlib.util.find_spec("litert_torch") and importlib.util.find_spec("ai_edge_quantizer"):
         return sys.executable
-    venv_py = _venv_python(_cache_dir() / "venv-litert")
-    if venv_py.is_file():
+    venv_py = _venv_python(default_litert_venv())
+    if venv_py.is_file() and (default_litert_venv() / STAMP).is_file():
         return str(venv_py)
     raise ImportError(
         "TFLite conversion needs litert-torch; create its isolated environment once with "
         "`edgeseg setup tflite` "
-        f"(a venv under {_cache_dir() / 'venv-litert'} with {' '.join(LITERT_PINS)}), or point "
+        f"(a venv at {default_litert_venv()} with {' '.join(LITERT_PINS)}), or point "
         "EDGESEG_LITERT_PYTHON at an interpreter that has them")
 
 
-def setup_litert_env(venv: str | os.PathLike | None = None, quiet: bool = True) -> Path:
-    """Create (idempotently) the conversion venv: the litert stack only, with the parent environment's
-    site-packages appended to its path so that torch is shared and never reinstalled. Returns its python."""
+STAMP = ".edgeseg-litert-ok"
+
+
+def setup_litert_env(venv: str | os.PathLike | None = None, progress=None) -> Path:
+    """Create (idempotently) the conversion venv (default: :func:`default_litert_venv`): the litert stack
+    only, with the parent environment's site-packages appended to its path so that torch is shared and never
+    reinstalled. ``progress(line)`` hears one line per step; pip's own output is kept out of sight and shown
+    (its last lines) only when it fails. Returns the venv's python."""
     import site
     import sysconfig
 
     import torch
 
-    venv = Path(venv) if venv is not None else _cache_dir() / "venv-litert"
+    say = progress or (lambda line: None)
+    venv = Path(venv) if venv is not None else default_litert_venv()
     py = _venv_python(venv)
-    stamp = venv / ".edgeseg-litert-ok"
-    want = "\n".join(LITERT_PINS) + f"\ntorch=={torch.__version__}\n"
+    stamp = venv / STAMP
+    want = "\n".join(LITERT_PINS) + f"\ntorch=={torch.__version__}\nparent={os.path.realpath(sys.prefix)}\n"
     if py.is_file() and stamp.is_file() and stamp.read_text() == want:
+        say(f"the litert conversion environment is ready: {venv}")
         return py
+    say(f"creating the litert conversion environment {venv} (once; about 1 GB, a few minutes)")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     site_dir = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    check=True, capture_output=True, text=True).stdout.strip())
@@ -146,13 +163,19 @@ def setup_litert_env(venv: str | os.PathLike | None = None, quiet: bool = True) 
         "".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
     constraints = venv / "constraints.txt"
     constraints.write_text(f"torch=={torch.__version__}\n")
-    cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-c", str(constraints), *LITERT_PINS]
-    subprocess.run(cmd + (["-q"] if quiet else []), check=True)
+    cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-c", str(constraints),
+           *LITERT_PINS]
+    say(f"installing {' '.join(LITERT_PINS)} (sharing this environment's torch {torch.__version__})")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise EdgesegError(f"pip could not install the litert stack into {venv} (exit {done.returncode}):\n{tail}")
     out = subprocess.run([str(py), "-c", "import torch, litert_torch, ai_edge_quantizer; print(torch.__version__)"],
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     if out != torch.__version__:
         raise RuntimeError(f"the litert venv sees torch {out}, not the parent's {torch.__version__}")
     stamp.write_text(want)
+    say(f"ready: {venv}")
     return py
 
 
