@@ -4,7 +4,8 @@
 
     model = api.load("ultraseg-108k-pranet")                # a checkpoint path or shipped name, or an artefact
     mask = model.predict(rgb)                                # (H, W) bool for an RGB uint8 (H, W, 3) frame
-    scores = model.evaluate("pranet-test-kvasir")            # what `edgeseg evaluate` prints, as a dict
+    scores = model.evaluate("pranet-test-kvasir")            # metrics on a split, as a dict
+    scores = api.evaluate("art/ov", "pranet-test-kvasir")    # what `edgeseg evaluate` prints, as a dict
     result = api.export("ultraseg-108k-pranet", "openvino-cpu", "art/ov")   # parity-gated, like the CLI
     deployed = api.load(result.path)                         # the artefact, run by its own runtime
 
@@ -25,7 +26,7 @@ from edgeseg.contract import InputContract
 from edgeseg.errors import EdgesegError
 from edgeseg.export import export  # noqa: F401  (part of the API: checkpoint -> parity-gated artefact)
 
-__all__ = ["Segmenter", "load", "export"]
+__all__ = ["Segmenter", "load", "evaluate", "export"]
 
 
 @dataclass
@@ -66,8 +67,7 @@ def load(source: str | os.PathLike | None = None, threads: int | None = None) ->
     path = None if source is None else Path(source)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise EdgesegError(f"threads must be a positive integer, got {threads!r}")
-    # A .pt file is a checkpoint even beside a config.json (a training run folder holds one too).
-    if path is not None and (path.is_dir() or (path.suffix != ".pt" and (path.parent / "config.json").is_file())):
+    if _is_artefact(path):
         from edgeseg.export import make_runner, open_artefact
 
         folder, config = open_artefact(path)
@@ -85,3 +85,28 @@ def load(source: str | os.PathLike | None = None, threads: int | None = None) ->
     model, contract, ckpt = load_model(path)
     info = {"kind": "checkpoint", "path": str(resolve_checkpoint(path)), "model": ckpt["model"]}
     return Segmenter(torch_logits_fn(model), contract, info)
+
+
+def _is_artefact(path: Path | None) -> bool:
+    # A .pt file is a checkpoint even beside a config.json (a training run folder holds one too).
+    return path is not None and (path.is_dir() or (path.suffix != ".pt" and (path.parent / "config.json").is_file()))
+
+
+def evaluate(source: str | os.PathLike | None = None, split: str = "pranet-test-kvasir",
+             data_root: str | os.PathLike | None = None, overlays: str | os.PathLike | None = None,
+             reference: str | os.PathLike | None = None) -> dict:
+    """``edgeseg evaluate``: the metrics of a checkpoint (PyTorch; a path, a shipped name, None for the shipped
+    model) or of an exported artefact, run by its own runtime on the device its parity gate used and compared
+    with the checkpoint it came from (``reference``, or the shipped checkpoint it records), on a split."""
+    from edgeseg.data import read_split, resolve_data_root
+    from edgeseg.evaluate import evaluate_artefact
+
+    path = None if source is None else Path(source)
+    if reference is not None and not _is_artefact(path):
+        raise EdgesegError("--reference applies to an artefact folder (evaluate ARTEFACT --reference CKPT)")
+    if not _is_artefact(path):
+        return load(path).evaluate(split, data_root, overlays)
+    root = resolve_data_root(data_root)
+    result = evaluate_artefact(path, root, read_split(split, root), None if reference is None else Path(reference),
+                               None if overlays is None else Path(overlays))
+    return {**result, "split": split}

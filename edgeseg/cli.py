@@ -200,31 +200,19 @@ def evaluate(
         edgeseg evaluate art/openvino-int8 --split pranet-test-kvasir --reference runs/ultraseg/best.pt
         edgeseg evaluate runs/mine/best.pt --data my-test-frames
     """
-    from edgeseg.data import read_split, resolve_data_root
-    from edgeseg.evaluate import evaluate_artefact, evaluate_split, torch_logits_fn, write_json_atomic
+    from edgeseg import api
+    from edgeseg.evaluate import write_json_atomic
     from edgeseg.fileio import check_output
 
     if json_out is not None:
         check_output(json_out, "file", "--json")
     if overlays is not None:
         check_output(overlays, "folder", "--overlays")
-    artefact = checkpoint is not None and checkpoint.is_dir()
-    if reference is not None and not artefact:
-        raise EdgesegError("--reference applies to an artefact folder (evaluate ARTEFACT --reference CKPT)")
     data_root, split = _own_data(data, data_root, split, "--split", "pranet-test-kvasir")
-    root = resolve_data_root(data_root)
-    ids = read_split(split, root)
-    if artefact:
-        result = evaluate_artefact(checkpoint, root, ids, reference, overlays)
-        title = f"{result['model']} {result['artefact']['target']} {result['artefact']['precision']} on {split}"
-    else:
-        from edgeseg.checkpoint import load_model
-
-        net, contract, ckpt = load_model(checkpoint)
-        result = evaluate_split(torch_logits_fn(net), contract, root, ids, overlays=overlays)
-        result["model"] = ckpt["model"]
-        title = f"{ckpt['model']} on {split}"
-    result["split"] = split
+    result = api.evaluate(checkpoint, split, data_root, overlays, reference)
+    deployed = result.get("artefact")
+    title = f"{result['model']} {deployed['target']} {deployed['precision']} on {split}" if deployed else \
+        f"{result['model']} on {split}"
     _print_metrics(result, title)
     if "checkpoint" in result:
         c = result["checkpoint"]

@@ -135,9 +135,9 @@ def evaluate_artefact(folder: Path, root: Path, ids: list[str], reference: Path 
 
     ``checkpoint`` compares it with the checkpoint it was exported from, run in PyTorch on the same frames:
     ``reference`` (refused unless its sha256 is the one config.json records) or, by default, the shipped
-    model when the artefact was exported from it.
+    checkpoint it was exported from, if it was.
     """
-    from edgeseg.checkpoint import DEFAULT_MODEL, load_model, resolve_checkpoint
+    from edgeseg.checkpoint import load_model, resolve_checkpoint, shipped_weights
     from edgeseg.export import make_runner, open_artefact
     from edgeseg.fileio import file_sha256
 
@@ -147,8 +147,8 @@ def evaluate_artefact(folder: Path, root: Path, ids: list[str], reference: Path 
     if reference is not None and reference.is_file() and file_sha256(reference) != recorded:
         raise EdgesegError(f"--reference {reference} is not the checkpoint {folder} was exported from (sha256 "
                            f"{recorded[:16]}... in its config.json)")
-    if reference is None and file_sha256(DEFAULT_MODEL) == recorded:
-        reference = DEFAULT_MODEL
+    if reference is None:
+        reference = next((p for p in shipped_weights().values() if file_sha256(p) == recorded), None)
     contract = InputContract.from_dict(config["input_contract"])
     runner = make_runner(folder, config, device=config["backend_config"].get("parity_device"))
     result = evaluate_split(runner, contract, root, ids, overlays=overlays)

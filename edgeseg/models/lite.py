@@ -235,5 +235,5 @@ class LiteSeg(SegModel):
 
 @register_model
 def lite0_seg(**kw) -> LiteSeg:
-    """EfficientNet-Lite0 (ImageNet) encoder + separable decoder to stride 4: about 3.7 M parameters."""
+    """EfficientNet-Lite0 (ImageNet) encoder + separable decoder to stride 4: 3.0 M parameters."""
     return LiteSeg(**kw)
