@@ -24,6 +24,7 @@ import torch
 
 from edgeseg.checkpoint import load_model, resolve_checkpoint
 from edgeseg.data.splits import resolve_data_root
+from edgeseg.export.parity import passed
 from edgeseg.fileio import file_sha256
 from edgeseg.profiling import cpu_model, pin_to_core, profile_artefact, time_runner
 
@@ -71,7 +72,7 @@ def main() -> None:
                                  "of the checkpoints given")
             r = profile_artefact(art, threads=1, warmup=args.warmup, runs=args.runs, end_to_end=video)
             parity = json.loads((Path(art) / "parity.json").read_text())
-            gate = "" if parity["delta"] <= parity["budget"] else " REJECTED"  # over its parity budget
+            gate = "" if passed(parity) else " REJECTED"  # over its parity budget
             groups[sha][2].append((f"{r['target']} {r['precision']}{gate}", r["p50_ms"], r["p90_ms"], r["fps"],
                                    r["end_to_end"]["fps"], parity["delta"]))
     print(f"one pinned core ({args.core}) of {os.cpu_count()} ({cpu_model() or 'CPU unknown'}), {args.warmup} warm-up + {args.runs} "

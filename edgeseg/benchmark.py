@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from edgeseg.errors import EdgesegError
+from edgeseg.export.parity import failure
 from edgeseg.fileio import atomic_path, check_output, make_folder, write_atomic
 
 COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps", "threads",
@@ -71,7 +72,7 @@ def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, dat
             row["export_s"] = time.perf_counter() - t0
     except ParityFailure as e:  # measured, kept as <folder>.rejected, and not profiled
         parity = json.loads((e.path / "parity.json").read_text())
-        return {**row, "status": f"rejected by parity gate (delta {parity['delta']:+.4f}, budget {parity['budget']})",
+        return {**row, "status": f"rejected by parity gate ({failure(parity)})",
                 **_artefact_facts(e.path, parity)}
     row.update(_artefact_facts(folder, json.loads((folder / "parity.json").read_text())))
     cores = os.sched_getaffinity(0)

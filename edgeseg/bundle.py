@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
+from edgeseg.export.parity import failure, passed
 from edgeseg.fileio import atomic_path, check_output, current_umask, default_file_mode, make_folder, write_atomic
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
@@ -229,7 +230,9 @@ _PARITY_SCHEMA = {  # the keys the gate decision needs; parity.json has more
     "precision": (lambda v: v in TOLERANCE, " | ".join(TOLERANCE)),
     "target": (_is_str, "a target id"),
     "ids": (lambda v: isinstance(v, list) and all(_is_str(i) for i in v), "a list of frame ids"),
+    "worst_image_drop": (_is_num, "a number"),
 }
+_PARITY_OPTIONAL = {"image_budget": (lambda v: _is_num(v) and v >= 0, "a number >= 0")}
 
 
 def _check_schema(doc, schema: dict, what: str, optional: dict | None = None, exact: bool = False) -> dict:
@@ -267,13 +270,13 @@ def check_config(config, what: str) -> dict:
 
 def check_parity(parity, config: dict, what: str) -> dict:
     """parity.json of an artefact that passed its gate (its own target and precision, delta within budget)."""
-    _check_schema(parity, _PARITY_SCHEMA, what)
+    _check_schema(parity, _PARITY_SCHEMA, what, _PARITY_OPTIONAL)
     for key in ("target", "precision"):
         if parity[key] != config[key]:
             raise EdgesegError(f"{what} records {key} {parity[key]!r}, but config.json says {config[key]!r}")
-    if parity["delta"] > parity["budget"]:
-        raise EdgesegError(f"{what}: the artefact failed its parity gate (delta {parity['delta']:+.5f} over budget "
-                           f"{parity['budget']}); only artefacts that passed are bundled")
+    if not passed(parity):
+        raise EdgesegError(f"{what}: the artefact failed its parity gate ({failure(parity)}); only artefacts that "
+                           "passed are bundled")
     return parity
 
 

@@ -660,6 +660,9 @@ def export_artefact(
                                                            "quantization, max mDice drop on the parity split.")] = None,
     parity_split: Annotated[Optional[str], typer.Option(help="Parity frames (default: 100 validation frames "
                                                         "carved from pranet-train, seed 42).")] = None,
+    max_image_drop: Annotated[Optional[float], typer.Option(help="Parity budget on the worst single frame's "
+                                                            "Dice loss (default by precision: fp32 0.02, fp16 "
+                                                            "0.05, int8 0.25).")] = None,
     max_delta: Annotated[Optional[float], typer.Option(help="Parity budget on mDice (default by precision: "
                                                        "fp32 0.001, fp16 0.003, int8 0.005).")] = None,
     out: Annotated[Path, typer.Option(help="Artefact folder to write.")] = ...,
@@ -678,7 +681,8 @@ def export_artefact(
 
     try:
         result = export(checkpoint, target, out, precision=precision, calib=calib, parity_split=parity_split,
-                        max_delta=max_delta, max_dice_drop=max_dice_drop, data_root=data_root)
+                        max_delta=max_delta, max_image_drop=max_image_drop, max_dice_drop=max_dice_drop,
+                        data_root=data_root)
     except ParityFailure as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(3)

@@ -119,8 +119,17 @@ def test_parity_over_budget_is_refused(cli, artefact, data_root, tmp_path):
     assert not (tmp_path / "u.tar.gz").exists()
 
 
+def test_parity_over_image_budget_is_refused(cli, artefact, data_root, tmp_path):
+    art = _copy_artefact(artefact, tmp_path)
+    _edit_json(art / "parity.json", lambda p: p.update(worst_image_drop=p["image_budget"] + 0.01))
+    code, _, err = cli("bundle", art, "--out", tmp_path / "u.tar.gz", "--data-root", data_root)
+    one_line_error(code, err, "failed its parity gate", "worst_image_drop", "over image budget")
+    assert not (tmp_path / "u.tar.gz").exists()
+
+
 @pytest.mark.parametrize("case, edit, needle", [
     ("not json", "{oops", "not valid JSON"),
+    ("image budget negative", lambda p: p.update(image_budget=-1), "'image_budget' must be a number >= 0"),
     ("a list", [], "not a JSON object"),
     ("delta a string", lambda p: p.update(delta="0.0"), "'delta' must be a number"),
     ("delta NaN", lambda p: p.update(delta=float("nan")), "not valid JSON"),

@@ -273,7 +273,8 @@ def _check_contract(where: Path, d: dict) -> None:
 def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.PathLike, *,
            precision: str | None = None, calib: str | os.PathLike | None = None,
            parity_split: str | None = None, max_delta: float | None = None,
-           max_dice_drop: float | None = None, data_root: str | os.PathLike | None = None) -> ExportResult:
+           max_image_drop: float | None = None, max_dice_drop: float | None = None,
+           data_root: str | os.PathLike | None = None) -> ExportResult:
     """Export ``checkpoint`` (None = the shipped model) for ``target_id`` into the folder ``out``.
 
     Raises:
@@ -283,11 +284,11 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
     from edgeseg.calibration import check_manifest, read_manifest
     from edgeseg.checkpoint import load_model, resolve_checkpoint
     from edgeseg.data.splits import resolve_data_root
-    from edgeseg.export.parity import budget, checkpoint_parity_ids, resolve_parity_ids
+    from edgeseg.export.parity import budget, checkpoint_parity_ids, image_budget, passed, resolve_parity_ids
 
     target = get_target(target_id)
     precision = target.resolve_precision(precision)
-    _check_options(target, precision, calib, max_dice_drop, max_delta)
+    _check_options(target, precision, calib, max_dice_drop, max_delta, max_image_drop)
     backend = backend_module(target)
     require_runtime(target)
     out = check_output(out, "folder", what="the artefact folder")
@@ -308,8 +309,9 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
                   "calibration_sha256": manifest.hash if manifest else "none"}
     with _staging(out) as tmp:
         result = _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, root,
-                        (parity_ids, parity_desc), budget(precision, max_delta), max_dice_drop, backend)
-        rejected = result.parity["delta"] > result.parity["budget"]
+                        (parity_ids, parity_desc), (budget(precision, max_delta), image_budget(precision, max_image_drop)),
+                        max_dice_drop, backend)
+        rejected = not passed(result.parity)
         result.path = _commit(tmp, out.with_name(out.name + ".rejected") if rejected else out)
         result.rejected = rejected
     if rejected:
@@ -320,7 +322,7 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
     return result
 
 
-def _check_options(target: Target, precision: str, calib, max_dice_drop, max_delta) -> None:
+def _check_options(target: Target, precision: str, calib, max_dice_drop, max_delta, max_image_drop) -> None:
     if target.needs_calibration(precision) and calib is None:
         raise EdgesegError(f"{target.id} {precision} needs a calibration manifest: pass --calib MANIFEST "
                            "(e.g. calibration/pranet-train-300.json, or make one with `edgeseg calib make`)")
@@ -331,6 +333,8 @@ def _check_options(target: Target, precision: str, calib, max_dice_drop, max_del
     for name, value in (("--max-dice-drop", max_dice_drop), ("--max-delta", max_delta)):
         if value is not None and not 0.0 <= value < 1.0:
             raise EdgesegError(f"{name} must be in [0, 1), got {value}")
+    if max_image_drop is not None and not 0.0 <= max_image_drop <= 1.0:
+        raise EdgesegError(f"--max-image-drop must be in [0, 1] (1 disables it), got {max_image_drop}")
 
 
 def _is_artefact_folder(path: Path) -> bool:
@@ -379,7 +383,7 @@ def _commit(tmp: Path, dest: Path) -> Path:
 
 
 def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, root, parity_split,
-           max_delta, max_dice_drop, backend) -> ExportResult:
+           budgets, max_dice_drop, backend) -> ExportResult:
     from edgeseg.calibration import load_images
     from edgeseg.evaluate import torch_logits_fn
     from edgeseg.export._prepare import prepare_for_inference
@@ -407,7 +411,8 @@ def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, 
     runner = backend.load_runner(artefact, target, device=info.get("parity_device"))
     logits = run_batched(runner, frames.x)
     ref = run_batched(torch_logits_fn(model), frames.x)
-    parity = {**measure(ref, logits, frames.masks), "budget": max_delta, "precision": precision,
+    parity = {**measure(ref, logits, frames.masks), "budget": budgets[0], "image_budget": budgets[1],
+              "precision": precision,
               "target": target.id, "split": frames.description, "ids": list(frames.ids),
               "runtime": getattr(runner, "effective", {})}
     note = few_frames_note(len(frames.ids))
