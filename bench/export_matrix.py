@@ -2,10 +2,10 @@
 (mDice, delta), TRANSPOSE count (tflite), and single-thread latency on this machine, plus what export-time
 folding buys (PyTorch eager and ONNX Runtime latency before/after), all measured in this one run.
 
-    python bench/export_matrix.py [--models ultraseg-108k ultraseg-130k microaunet] [--targets T ...]
-                                  [--out bench-out/matrix]
+    python bench/export_matrix.py [--models ultraseg-108k-pranet lite0-seg-pranet ultraseg-130k microaunet]
+                                  [--targets T ...] [--out bench-out/matrix]
 
-Checkpoints: ``ultraseg-108k`` is the shipped model; ``ultraseg-130k`` the UltraSeg authors' released
+Checkpoints: a shipped name (``edgeseg weights``) is that checkpoint; ``ultraseg-130k`` the UltraSeg authors' released
 weights (imported from ../shared/weights); ``microaunet`` has no trained checkpoint in this repository, so it
 is its seeded initialisation (size, latency and TRANSPOSE count are meaningful; its Dice is not).
 ``NAME=CKPT`` uses any checkpoint. Latency: one pinned core, 1 thread, median of ``--runs``. A TensorRT
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgeseg.benchmark import DEFAULT_CALIB, benchmark_row
-from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic
+from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic, shipped_weights
 from edgeseg.contract import InputContract
 from edgeseg.errors import EdgesegError
 from edgeseg.export._prepare import LogitsOnly, prepare_for_inference
@@ -36,12 +36,12 @@ AUTHORS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "ultraseg
 
 
 def checkpoint_for(spec: str, work: Path) -> tuple[str, Path | None, str]:
-    """(label, checkpoint path or None for the shipped model, note)."""
+    """(label, checkpoint path, note)."""
     if "=" in spec:
         name, path = spec.split("=", 1)
         return name, Path(path), "given checkpoint"
-    if spec == "ultraseg-108k":
-        return spec, None, "shipped model"
+    if spec in shipped_weights():
+        return spec, shipped_weights()[spec], "shipped model"
     if spec == "ultraseg-130k":
         from edgeseg.models.authors import import_released
 
@@ -99,7 +99,7 @@ def _cell(v, fmt="{:.4f}") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["ultraseg-108k", "ultraseg-130k", "microaunet"])
+    ap.add_argument("--models", nargs="+", default=[*shipped_weights(), "ultraseg-130k", "microaunet"])
     ap.add_argument("--out", type=Path, default=Path("bench-out/matrix"))
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--core", type=int, default=0)
@@ -129,15 +129,16 @@ def main() -> None:
     (args.out / name).write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"one pinned core ({args.core}), 1 thread, p50 of {args.runs} runs; parity on the default parity split")
-    print("| model | target | precision | status | export s | size KiB | mDice | delta | TRANSPOSE | p50 ms "
-          "| x eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | target | precision | status | export s | size KiB | mDice | delta | worst frame | TRANSPOSE "
+          "| p50 ms | x eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
         for r in res["rows"]:
             speedup = res["eager_ms"] / r["p50_ms"] if r.get("p50_ms") else None
             status = r["status"].split(":")[0]
             print(f"| {r['model']} | {r['target']} | {r['precision']} | {status} | {_cell(r.get('export_s'), '{:.1f}')} "
                   f"| {_cell(r.get('size_kb'), '{:.0f}')} | {_cell(r.get('mdice'))} | {_cell(r.get('delta'), '{:+.4f}')} "
+                  f"| {_cell(r.get('worst_image_drop'))} "
                   f"| {_cell(r.get('transposes'))} | {_cell(r.get('p50_ms'), '{:.2f}')} | {_cell(speedup, '{:.2f}')} |")
     print("\nPyTorch eager (1 thread) and export-time folding (BN into convs, UltraSeg's GSB gates as constants):")
     print("| model | checkpoint | eager ms | eager folded ms | ORT unfolded ms | ORT folded ms | BN folded | gates folded |")
@@ -152,6 +153,10 @@ def main() -> None:
         if ov:
             print(f"{res['model']}: openvino-cpu int8 is {res['eager_ms'] / ov['p50_ms']:.2f}x PyTorch eager "
                   f"(goal >= 4x), delta {ov['delta']:+.4f} (budget {ov['budget']})")
+        fp32 = next((r for r in res["rows"] if r["target"] == "openvino-cpu" and r["precision"] == "fp32"
+                     and r.get("p50_ms")), None)
+        if ov and fp32:
+            print(f"{res['model']}: openvino-cpu int8 / fp32 p50 = {ov['p50_ms'] / fp32['p50_ms']:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import failure
 from edgeseg.fileio import atomic_path, check_output, make_folder, write_atomic
 
-COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps", "threads",
-           "runtime"]
+COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "worst_image_drop", "p50_ms", "p99_ms",
+           "fps", "threads", "runtime"]
 RUNTIMES = ("onnxruntime", "openvino", "ai_edge_litert", "tflite_runtime", "tensorrt")  # runner version keys
 DEFAULT_CALIB = Path(__file__).resolve().parent / "_calibration" / "pranet-train-300.json"  # calibration/, packaged
 
@@ -91,7 +91,8 @@ def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, dat
 def _artefact_facts(folder: Path, parity: dict) -> dict:
     config = json.loads((folder / "config.json").read_text())
     return {"size_kb": artefact_size_kb(folder), "mdice": parity["mdice"], "delta": parity["delta"],
-            "budget": parity["budget"], "transposes": config["backend_config"].get("transpose_count")}
+            "budget": parity["budget"], "worst_image_drop": parity["worst_image_drop"],
+            "transposes": config["backend_config"].get("transpose_count")}
 
 
 def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
