@@ -138,6 +138,9 @@ def distill(
     alpha: Annotated[Optional[float], typer.Option(help="KD weight (default 0.3 for kdas, else 1).")] = None,
     rho: Annotated[float, typer.Option(help="2-stage: weight of the EMA-anchor regulariser.")] = 0.3,
     contrast_weight: Annotated[float, typer.Option(help="2-stage: weight of the pixel contrastive loss.")] = 0.1,
+    teacher_cache: Annotated[Optional[Path], typer.Option(help="logit, kdas: keep the teacher's logits of each "
+                                                          "training frame here, computed once (no teacher forward "
+                                                          "per step).")] = None,
     data: DataOpt = None,
     weights: WeightsOpt = None,
     train_split: TrainSplitOpt = None,
@@ -162,6 +165,7 @@ def distill(
 
         edgeseg distill --teacher runs/ultraseg/best.pt --student microaunet --out runs/kd
         edgeseg distill --teacher runs/ultraseg/best.pt --recipe kdas --tau 4 --out runs/kdas
+        edgeseg distill --teacher runs/ultraseg/best.pt --recipe logit --teacher-cache runs/teacher-cache --out runs/kd
     """
     from edgeseg.config import DistillConfig
     from edgeseg.distill import RECIPES
@@ -169,7 +173,8 @@ def distill(
     if recipe not in RECIPES:
         raise EdgesegError(f"unknown distillation recipe {recipe!r}; known: {', '.join(RECIPES)}")
     kd = DistillConfig(teacher=str(teacher), recipe=recipe, stage1_epochs=stage1_epochs, tau=tau, alpha=alpha,
-                       rho=rho, contrast_weight=contrast_weight)
+                       rho=rho, contrast_weight=contrast_weight,
+                       teacher_cache=str(teacher_cache) if teacher_cache else None)
     _train("default", resume, cache_dir, data_root, strict, out, data, model=student, weights=weights,
            train_split=train_split,
            val_split=val_split, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,

@@ -18,6 +18,7 @@ class DistillConfig:
     rho: float = 0.3  # weight of the EMA-anchor regulariser in stage 2
     contrast_weight: float = 0.1  # weight of the pixel contrastive loss in stage 2
     ema_decay: float = 0.995  # per optimiser step
+    teacher_cache: str | None = None  # logit/kdas: folder of the teacher's logits, computed once (offline distillation)
 
 
 @dataclass
@@ -144,5 +145,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """Fields that differ between a checkpoint's config and a resumed run's config."""
+    """Fields that differ between a checkpoint's config and a resumed run's config. A field the checkpoint's
+    config lacks (the run started before edgeseg had it) counts as its default, in the distillation part too."""
+    old = {**asdict(TrainConfig()), **old}
+    if isinstance(old.get("distill"), dict) and isinstance(new.get("distill"), dict):
+        old["distill"] = {**asdict(DistillConfig(teacher=old["distill"].get("teacher", ""))), **old["distill"]}
     return sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from edgeseg.checkpoint import load_model, make_checkpoint, read_checkpoint, save_atomic
+from edgeseg.checkpoint import load_model, make_checkpoint, read_checkpoint, resolve_checkpoint, save_atomic
 from edgeseg.config import TrainConfig, check_config, config_differences
 from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, load_decoded, resolve_data_root, split_hash, train_val_ids
@@ -114,15 +114,32 @@ def _objective(cfg: TrainConfig, model, criterion, contract: InputContract):
     d = cfg.distill
     if cfg.compile:
         raise EdgesegError("--compile is not supported with distillation yet; drop --compile")
+    if d.teacher_cache is not None:
+        from edgeseg.distill.cache import check_teacher_cache
+
+        check_teacher_cache(d.recipe, d.teacher_cache)
     teacher, t_contract, t_ckpt = load_model(d.teacher)
     mine = (contract.size, contract.mean, contract.std)
     theirs = (t_contract.size, t_contract.mean, t_contract.std)
     if mine != theirs:
         raise EdgesegError(f"teacher {d.teacher} expects input (size, mean, std) = {theirs} but the student is "
                            f"trained with {mine}; train the teacher with the student's contract or pass --size")
-    info = {"recipe": d.recipe, "teacher": t_ckpt["model"], "teacher_sha256": file_sha256(d.teacher)}
+    info = {"recipe": d.recipe, "teacher": t_ckpt["model"],
+            "teacher_sha256": file_sha256(resolve_checkpoint(d.teacher)), "teacher_cache": d.teacher_cache is not None}
     return Distiller(model, teacher, criterion, d.recipe, cfg.size, cfg.epochs, d.stage1_epochs, d.tau, d.alpha,
                      d.rho, d.contrast_weight, d.ema_decay), info
+
+
+def _teacher_logits(cfg: TrainConfig, objective, distill_info: dict | None, root: Path, decoded,
+                    contract: InputContract) -> np.ndarray | None:
+    """With ``--teacher-cache``: the distiller's teacher's logits (N, S, S) float16 of the training frames, from
+    the cache (built there on the first run); otherwise None (the teacher runs on every step)."""
+    if cfg.distill is None or cfg.distill.teacher_cache is None:
+        return None
+    from edgeseg.distill.cache import cached_teacher_logits
+
+    return cached_teacher_logits(objective.teacher, distill_info["teacher_sha256"], root, decoded, contract,
+                                 cfg.distill.teacher_cache)
 
 
 @torch.inference_mode()
@@ -331,12 +348,13 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         init = model.load_pretrained()
     _check_input_size(model, cfg)
     contract = InputContract(size=cfg.size, mean=model.mean, std=model.std)
-    train_data = SegDataset(load_decoded(root, train_ids, cfg.size, cache, cfg.strict_masks), contract,
-                            Augment(seed=cfg.seed))
-    val_data = SegDataset(load_decoded(root, val_ids, cfg.size, cache, cfg.strict_masks), contract)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective, distill_info = _objective(cfg, model, SegLoss(model.region_weights, model.boundary_weights), contract)
+    train_decoded = load_decoded(root, train_ids, cfg.size, cache, cfg.strict_masks)
+    train_data = SegDataset(train_decoded, contract, Augment(seed=cfg.seed),
+                            _teacher_logits(cfg, objective, distill_info, root, train_decoded, contract))
+    val_data = SegDataset(load_decoded(root, val_ids, cfg.size, cache, cfg.strict_masks), contract)
     opt = _make_optimizer(cfg, objective, model)
     with contextlib.ExitStack() as stack:
         _claim_run_folder(stack, out, resume, rank, world)
@@ -417,14 +435,14 @@ def _train_epoch(cfg, net, objective, opt, loader, epoch: int, rank: int) -> flo
         raise EdgesegError(f"epoch {epoch + 1} has no full batch of {cfg.batch_size}; lower --batch-size")
     with Progress(*cols, disable=rank != 0, transient=True) as bar:
         task = bar.add_task("train", total=steps, loss=float("nan"))
-        for i, (x, mask, bnd) in enumerate(loader):
+        for i, (x, mask, bnd, *extra) in enumerate(loader):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, epoch * steps + i, steps) * group.get("lr_scale", 1.0)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             objective.set_epoch(epoch + i / steps)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = net(x, mask, bnd)["loss"]
+                loss = net(x, mask, bnd, *extra)["loss"]  # extra: cached teacher logits, if any
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -155,3 +155,19 @@ def test_the_run_lock_is_held_for_the_run_and_released_after(tmp_path):
                 pass
     with train_mod._run_lock(tmp_path / "run"):  # released when the first run ended
         pass
+
+
+def test_resume_accepts_configs_written_before_newer_fields():
+    """A run started by an older edgeseg lacks fields added since (pretrained_lr_scale, distill.teacher_cache):
+    they count as their defaults, so --resume is not refused; a real change still is."""
+    from dataclasses import asdict
+
+    from edgeseg.config import DistillConfig, config_differences
+
+    new = build_config(model="microaunet", distill=DistillConfig(teacher="t.pt", recipe="logit")).to_dict()
+    old = {k: v for k, v in new.items() if k != "pretrained_lr_scale"}
+    old["distill"] = {k: v for k, v in asdict(DistillConfig(teacher="t.pt", recipe="logit")).items()
+                      if k != "teacher_cache"}
+    assert config_differences(old, new) == []
+    assert config_differences({**old, "epochs": old["epochs"] + 1}, new) == ["epochs"]
+    assert config_differences(old, {**new, "distill": {**new["distill"], "teacher_cache": "c"}}) == ["distill"]

@@ -1,4 +1,5 @@
-"""Training augmentation with OpenCV, applied identically to image, mask and boundary map.
+"""Training augmentation with OpenCV, applied identically to image, mask and boundary map (and, when given, a
+continuous map such as cached teacher logits: same geometry, no colour jitter).
 
 Unlike the seed code (one rotation angle drawn for the whole run, SPEC B §1), every sample draws its own
 flip, rotation, scale and colour jitter from a generator seeded by (seed, epoch, index), so runs are
@@ -28,23 +29,30 @@ class Augment:
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, index))
 
-    def __call__(self, img: np.ndarray, mask: np.ndarray, bnd: np.ndarray, index: int = 0):
-        """img (S, S, 3) uint8, mask/bnd (S, S) uint8 -> the same, transformed."""
+    def __call__(self, img: np.ndarray, mask: np.ndarray, bnd: np.ndarray, index: int = 0,
+                 extra: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """img (S, S, 3) uint8, mask/bnd (S, S) uint8 -> the same, transformed.
+
+        ``extra``, an optional continuous (S, S) float32 map (e.g. teacher logits), follows the same flips and warp
+        with linear interpolation but no colour jitter, and is returned as a 4th item. It draws nothing from the
+        generator, so img, mask and bnd are the same with or without it.
+        """
         r = self.rng(index)
+        maps = [img, mask, bnd] + ([extra] if extra is not None else [])
         if r.random() < self.hflip:
-            img, mask, bnd = img[:, ::-1], mask[:, ::-1], bnd[:, ::-1]
+            maps = [a[:, ::-1] for a in maps]
         if r.random() < self.vflip:
-            img, mask, bnd = img[::-1], mask[::-1], bnd[::-1]
+            maps = [a[::-1] for a in maps]
         angle = r.uniform(-self.rotate, self.rotate)
         scale = r.uniform(*self.scale)
         h, w = mask.shape
         m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), angle, scale)
-        # Same border mode for all three so the labels stay aligned with the (reflected) image content.
-        warp = dict(dsize=(w, h), borderMode=cv2.BORDER_REFLECT_101)
-        img = cv2.warpAffine(np.ascontiguousarray(img), m, flags=cv2.INTER_LINEAR, **warp)
-        mask = cv2.warpAffine(np.ascontiguousarray(mask), m, flags=cv2.INTER_NEAREST, **warp)
-        bnd = cv2.warpAffine(np.ascontiguousarray(bnd), m, flags=cv2.INTER_NEAREST, **warp)
-        return self._colour(img, r), mask, bnd
+        # Same border mode for all maps so the labels stay aligned with the (reflected) image content; labels are
+        # nearest-neighbour so they stay binary, the image and the continuous extra map linear.
+        interp = (cv2.INTER_LINEAR, cv2.INTER_NEAREST, cv2.INTER_NEAREST, cv2.INTER_LINEAR)
+        maps = [cv2.warpAffine(np.ascontiguousarray(a), m, dsize=(w, h), flags=f, borderMode=cv2.BORDER_REFLECT_101)
+                for a, f in zip(maps, interp)]
+        return (self._colour(maps[0], r), *maps[1:])
 
     def _colour(self, img: np.ndarray, r: np.random.Generator) -> np.ndarray:
         x = img.astype(np.float32)

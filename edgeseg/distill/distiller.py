@@ -26,12 +26,13 @@ from edgeseg.errors import EdgesegError
 
 RECIPES = ("microaunet-2stage", "kdas", "feature", "logit")
 _NEEDS_FEATURES = {"feature", "microaunet-2stage"}
+LOGIT_RECIPES = ("logit", "kdas")  # need only the teacher's logits, so they can be precomputed (--teacher-cache)
 
 
 class Distiller(nn.Module):
     """Trainable side: ``student`` (+ ``adapters``, ``projection``); the EMA and the teacher ride along.
 
-    Call ``forward(x, mask, boundary)`` for the loss dict; ``set_epoch(e)`` before each epoch;
+    Call ``forward(x, mask, boundary[, teacher_logits])`` for the loss dict; ``set_epoch(e)`` before each epoch;
     ``after_step()`` after each optimiser step; ``eval_model()`` for validation/checkpointing.
     """
 
@@ -106,10 +107,19 @@ class Distiller(nn.Module):
     def eval_model(self) -> nn.Module:
         return self.ema if self.stage == 2 and self.ema is not None else self.student
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, boundary: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, boundary: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> dict:
+        """x (B, 3, S, S), mask and boundary (B, 1, S, S) -> the loss dict. ``teacher_logits`` (B, 1, S, S), the
+        cached teacher logits of the same (augmented) samples, replace the teacher forward (LOGIT_RECIPES only)."""
         s = self.student(x)
-        with torch.no_grad():
-            t = self.teacher.forward_all(x)
+        if teacher_logits is None:
+            with torch.no_grad():
+                t = self.teacher.forward_all(x)
+        elif self.recipe in LOGIT_RECIPES:
+            t = {"logits": teacher_logits}
+        else:
+            raise EdgesegError(f"recipe {self.recipe!r} needs the teacher's features, not only cached logits; "
+                               f"cached teacher logits serve {' and '.join(LOGIT_RECIPES)}")
         task = self.criterion(s, mask, boundary)["loss"]
         terms = self._terms(s, t)
         weights = self.weights()
