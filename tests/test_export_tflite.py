@@ -285,3 +285,19 @@ def test_pipeline_export_passes_its_parity_gate(cli, litert_python, authors_ckpt
     assert parity["delta"] <= parity["budget"] and parity["n_images"] == 62
     assert config["backend_config"]["layout"] == "NHWC" and config["precision"] == precision
     assert config["backend_config"]["transpose_count"] <= 2
+
+
+def test_conversion_env_is_per_python_environment(tmp_path, monkeypatch):
+    """The conversion venv shares its parent environment's torch and edgeseg, so each environment gets its own
+    (keyed by sys.prefix), and a missing one is named with the command that makes it."""
+    from edgeseg.export import tflite
+
+    monkeypatch.setenv("EDGESEG_CACHE", str(tmp_path))
+    monkeypatch.delenv("EDGESEG_LITERT_PYTHON", raising=False)
+    mine = tflite.default_litert_venv()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))
+    other = tflite.default_litert_venv()
+    assert mine.parent == other.parent == tmp_path and mine != other and mine.name.startswith("venv-litert-")
+    monkeypatch.setattr(tflite.importlib.util, "find_spec", lambda name: None)  # litert not in this environment
+    with pytest.raises(ImportError, match=r"`edgeseg setup tflite` \(a venv at .*venv-litert-"):
+        tflite.litert_python()
