@@ -40,7 +40,7 @@ class TrainConfig:
     cosine_period: int | None = None  # None: one half-cosine over the run; MALUNet uses a 50-epoch T_max
     size: int = 256  # network input, multiple of 32
     seed: int = 42
-    channels_last: bool = True  # 3-4x faster on CPU for these nets (bench/train_throughput.py)
+    channels_last: bool = True  # 1.2-2.1x faster on CPU for these nets (bench/train_throughput.py)
     compile: bool = False  # torch.compile the model
     bf16: bool = False  # bf16 autocast (CPU AMX); off by default: slower for these tiny convs here
     threads: int = 0  # torch intra-op threads, 0 = torch default
@@ -54,7 +54,7 @@ class TrainConfig:
         return asdict(self)
 
 
-# The seed papers' recipes (SPEC B §1, §5.6), selectable with --recipe.
+# The seed papers' recipes (as their released training scripts set them), selectable with --recipe.
 RECIPES: dict[str, dict] = {
     "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-2, min_lr=1e-5, batch_size=8),
     "ultraseg": dict(optimizer="adam", lr=3e-4, weight_decay=0.0, min_lr=0.0, batch_size=4, epochs=100),

@@ -1,7 +1,7 @@
 """The input contract: the one preprocessing function shared by training, evaluation, calibration and every
 runtime. numpy + OpenCV only (no torch), so that device-side code can import it.
 
-Contract (SPEC Part A.2): RGB, bilinear resize to ``size`` x ``size``, float32 in [0, 1], then the model's
+Contract: RGB, bilinear resize to ``size`` x ``size``, float32 in [0, 1], then the model's
 mean/std if it declares them (default none), NCHW. Mask = foreground logit > 0 (probability > 0.5).
 """
 

@@ -1,7 +1,7 @@
 """Segmentation losses on logits: soft Dice, BCE + Dice, UltraSeg-style deep supervision, and :class:`SegLoss`.
 
 Every function takes raw logits and applies the one sigmoid itself. (The released UltraSeg loss applies a
-sigmoid to heads that already emit probabilities, a double sigmoid, SPEC-models B §5.5; we do not copy it.)
+sigmoid to heads that already emit probabilities, a double sigmoid; we do not copy it.)
 Losses are computed in float32 with autocast disabled, so they are safe inside bf16/fp16 autocast regions.
 """
 
@@ -23,7 +23,7 @@ __all__ = [
     "SegLoss",
 ]
 
-# UltraSeg deep-supervision weights, coarsest side output first (SPEC-models Part A.3).
+# UltraSeg deep-supervision weights, coarsest side output first (the UltraSeg paper).
 ULTRASEG_REGION_WEIGHTS = (0.1, 0.2, 0.3, 0.4)
 ULTRASEG_BOUNDARY_WEIGHTS = (0.1, 0.2, 0.3)
 

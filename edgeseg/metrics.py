@@ -1,7 +1,7 @@
 """Binary segmentation metrics: per-image Dice, IoU, HD95, MAE and the :class:`SegMetrics` accumulator.
 
 numpy and scipy only (no torch), so the same code scores predictions on a workstation and on an edge device.
-The conventions below are the ones edgeseg reports (SPEC-models Part A.5) and hold for every function here.
+The conventions below are the ones edgeseg reports and hold for every function here.
 
 Conventions:
   * Inputs are single images, 2-D ``(H, W)`` arrays of equal shape.

@@ -123,3 +123,39 @@ def test_fp16_weights_run_in_f32_on_cortex_a76(sysroot, setup):
     assert arm.dtype == np.float32 and arm.shape == x86.shape
     assert float(np.abs(arm - x86).max()) <= 1e-5 * max(1.0, float(np.abs(x86).max()))
     assert not np.array_equal(arm, arm.astype(np.float16).astype(np.float32))  # f16 compute would give f16 values
+
+
+@pytest.fixture(scope="module")
+def lite_setup(tmp_path_factory, data_root, litert_python):
+    """The shipped pretrained lite0-seg as full-integer int8 (48 calibration frames) and 2 real frames."""
+    from edgeseg.checkpoint import load_model
+    from edgeseg.export import tflite
+
+    tmp = tmp_path_factory.mktemp("aarch64-lite")
+    model, contract, _ = load_model("lite0-seg-pranet")
+    ids = read_split("pranet-train", data_root)
+
+    def frames(sel):
+        return np.concatenate([contract.preprocess(read_pair(image_path(data_root, s), mask_path(data_root, s))[0])
+                               for s in sel])
+
+    x, calib = frames(ids[7:21:7]), frames(ids[3::7][:48])
+    path = tmp / "lite0-seg-int8.tflite"
+    tflite.torch_to_tflite(model, contract, path, "int8", calib, python=litert_python)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    return {"x": x, "torch": ref, "paths": {"int8": path}}
+
+
+def test_lite0_int8_on_cortex_a72(sysroot, lite_setup):
+    """The pretrained family on the Pi: bit-exact integer semantics, and XNNPACK (no normalisations to amplify
+    rounding here) within a few LSB of x86 with the same masks."""
+    _, x86, arm, _ = _x86_and_arm(lite_setup, "int8", "reference")
+    assert np.array_equal(arm, x86), f"{int((arm != x86).sum())} of {arm.size} int8 outputs differ"
+    run, x86, arm, info = _x86_and_arm(lite_setup, "int8", "xnnpack")
+    assert info["xnnpack"] and arm.dtype == np.int8 and arm.shape == x86.shape == (2, 256, 256, 1)
+    lsb = np.abs(arm.astype(np.int16) - x86.astype(np.int16))
+    la, lx = run.from_model_output(arm), run.from_model_output(x86)
+    assert lsb.mean() < 2.0, (lsb.mean(), lsb.max())
+    assert float(((la > 0) == (lx > 0)).mean()) >= 0.995
+    assert float(((la > 0) == (lite_setup["torch"] > 0)).mean()) >= 0.98

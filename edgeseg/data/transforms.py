@@ -1,7 +1,7 @@
 """Training augmentation with OpenCV, applied identically to image, mask and boundary map (and, when given, a
 continuous map such as cached teacher logits: same geometry, no colour jitter).
 
-Unlike the seed code (one rotation angle drawn for the whole run, SPEC B §1), every sample draws its own
+Unlike the seed code (one rotation angle drawn for the whole run), every sample draws its own
 flip, rotation, scale and colour jitter from a generator seeded by (seed, epoch, index), so runs are
 reproducible and a resumed run sees the same samples it would have seen.
 """

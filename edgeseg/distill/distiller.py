@@ -1,4 +1,4 @@
-"""The Distiller: a frozen teacher, a student, and the recipe that ties them (SPEC-models Part A.4).
+"""The Distiller: a frozen teacher, a student, and the recipe that ties them.
 
 Recipes:
   ``logit``              task + alpha * Bernoulli KL on temperature-scaled logits

@@ -1,4 +1,4 @@
-"""Distillation losses that actually transfer (SPEC-models Part A.4; the released code's do not, B §4.2/§6.2).
+"""Distillation losses that actually transfer (the released code's do not; each function says why).
 
 All take logits or features straight from the networks; every term has a gradient w.r.t. the student
 (``tests/test_distill.py`` checks each one on a real batch).

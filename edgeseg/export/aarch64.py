@@ -21,7 +21,7 @@ serialises concurrent builders; a failed build leaves nothing half-made behind):
 Models then run under ``qemu-aarch64-static -L <root>`` (no chroot, no binfmt, no mounts), with the CPU
 pinned (``-cpu`` and ``QEMU_CPU``): qemu 7.2's default ``max`` CPU advertises SVE/SME, and XNNPACK's int8
 kernels then give wrong results. :func:`run_tflite_aarch64` feeds the artefact's raw input tensors and
-returns its raw outputs, which are bit-identical to x86 LiteRT for int8 and fp32 (ARM-EMULATION.md).
+returns its raw outputs, which are bit-identical to x86 LiteRT for int8 and fp32 (tests/test_aarch64_emulation.py).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ WORKER = Path(__file__).with_name("_litert_worker.py")
 
 
 # --------------------------------------------------------------------------------------------------------
-# 2. Conversion environment and worker
+# Conversion environment and worker
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -209,7 +209,7 @@ def _run_worker(job: dict, python: str | None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------
-# 3. Conversion
+# Conversion
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -283,7 +283,7 @@ def torch_to_tflite(model, contract, out_path: str | os.PathLike, precision: str
 
 
 # --------------------------------------------------------------------------------------------------------
-# 4. Inspection (flatbuffer, no interpreter)
+# Inspection (flatbuffer, no interpreter)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -353,7 +353,7 @@ def inspect_tflite(path: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------
-# 5. Runner
+# Runner
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -463,7 +463,7 @@ def compare_to_torch(model, runner: Callable[[np.ndarray], np.ndarray], frames: 
 
 
 # --------------------------------------------------------------------------------------------------------
-# 6. Backend interface of edgeseg.export (export(source, request, out_dir), load_runner(path, target))
+# Backend interface of edgeseg.export (export(source, request, out_dir), load_runner(path, target))
 # --------------------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from edgeseg.errors import EdgesegError
 from edgeseg.fileio import file_sha256
 from edgeseg.models._registry import create_model
 
-# released prefix -> our prefix (UltraSeg-130K, SPEC-models §5).
+# released prefix -> our prefix (UltraSeg-130K).
 ULTRASEG_130K_KEY_MAP = {
     "attention_alpha": "attention_alpha",
     **{f"encoder{i}.": f"encoder{i}." for i in range(1, 5)},

@@ -1,6 +1,6 @@
 """Parameter and MAC counters: the plain count and the thop-0.1.1-style count the seed papers quote.
 
-thop (SPEC-models.md §1) hooks leaf modules of the types it has a rule for, counts the parameters of each such
+thop hooks leaf modules of the types it has a rule for, counts the parameters of each such
 module that runs (once per module) and adds per-type MAC formulas on every call. GroupNorm, raw
 ``nn.Parameter``s on custom modules and functional ops (``F.interpolate``, ``Tensor.softmax``) are invisible
 to it. This module reproduces that with forward hooks, without depending on thop.

@@ -1,6 +1,6 @@
 """MALUNet (Ruan et al., BIBM 2022): the MicroAUNet teacher, plus the skeleton its family shares.
 
-Re-implemented from SPEC-models.md Part B §1 and §3 (the released JCruan519/MALUNet model at width
+Re-implemented from the released JCruan519/MALUNet model (width
 [8,16,24,32,48,64]); the head emits logits instead of the released sigmoid, and the five pre-bridge encoder
 skips are returned for feature distillation. :class:`MalunetSkeleton` holds the wiring that MicroAUNet reuses.
 
@@ -26,7 +26,7 @@ __all__ = ["MALUNet", "MalunetSkeleton", "DWConvGN", "channel_mean_max", "init_f
 
 
 def init_family_weights(m: nn.Module) -> None:
-    """The family's init (SPEC §1): fan-out normal convs, trunc-normal linears, norms left at defaults."""
+    """The family's init (as the released code sets it): fan-out normal convs, trunc-normal linears, norms left at defaults."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -152,7 +152,7 @@ def channel_mean_max(t: torch.Tensor) -> torch.Tensor:
 
 
 class MalunetSkeleton(SegModel):
-    """The MALUNet-family U-shape (SPEC §1); subclasses fill in the stages.
+    """The MALUNet-family U-shape; subclasses fill in the stages.
 
     Encoder stage i (5 of them): stage -> GroupNorm(4) -> maxpool 2 -> GELU gives skip t_i at H/2..H/32.
     Bottleneck: stage -> GELU at H/32, fed the pre-bridge t5. The bridge rewrites t1..t5. Decoder stage j:

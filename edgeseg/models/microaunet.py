@@ -1,9 +1,9 @@
 """MicroAUNet (arXiv 2511.01143): depthwise-dilated convs, depth-guided attention, a parameter-shared bridge.
 
-Re-implemented from SPEC-models.md Part B §2 (the released JeremyXSC/MicroAUNet MAUNet class) on the
+Re-implemented from the released JeremyXSC/MicroAUNet MAUNet class on the
 MALUNet-family skeleton; the head emits logits (the released net ends in a sigmoid) and the five pre-bridge
 encoder skips are returned for feature distillation. ``microaunet`` is the paper's 0.0249 M size (half the
-released width, SPEC §2.3); ``microaunet-84k`` is the released default width.
+released width); ``microaunet-84k`` is the released default width.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """UltraSeg-108K / -130K and their wider same-family teachers (UltraSeg-500K, -1M).
 
-Paper: "UltraSeg" (arXiv 2602.04381). Re-implemented from the structural description in SPEC-models.md §5,
-with one decision of our own: every head emits logits and the loss applies the only sigmoid (the released
+Paper: "UltraSeg" (arXiv 2602.04381). Re-implemented from the paper's structural description and the authors'
+released code, with one decision of our own: every head emits logits and the loss applies the only sigmoid (the released
 code applies it twice). ``num_classes=2`` builds the authors' 2-logit head so that their released weights
 load; its output is reduced to the single foreground logit ``z_fg - z_bg``, whose sign is exactly the
 argmax of the two logits, so everything downstream sees one channel.
@@ -202,7 +202,7 @@ class UltraSeg(SegModel):
         self.merge4 = AdaptiveMerge(c4, use_boundary=False)
         self.merge3, self.merge2, self.merge1 = (AdaptiveMerge(c, use_boundary=True) for c in (c3, c2, c1))
         self.final = nn.Sequential(nn.Conv2d(c1, num_classes, 1))
-        self.apply(init_family_weights)  # the init shared across the seed code (SPEC B §1)
+        self.apply(init_family_weights)  # the init shared across the seed code (as in the seed papers' released code)
 
     def forward_all(self, x: torch.Tensor) -> dict:
         gelu = F.gelu

@@ -1,4 +1,4 @@
-"""U-Net baselines and teachers as the UltraSeg authors build them (SPEC-models.md Part A.1).
+"""U-Net baselines and teachers as the UltraSeg authors build them.
 
 ``unet-base`` is the classic U-Net (Ronneberger et al., 2015) with BatchNorm, 31.0 M parameters. The
 ``unet-tiny/small/light/medium`` variants keep its skeleton at 1/8 .. 1/2 of the width with every 3x3 conv
