@@ -148,14 +148,13 @@ def lite_setup(tmp_path_factory, data_root, litert_python):
 
 
 def test_lite0_int8_on_cortex_a72(sysroot, lite_setup):
-    """The pretrained family on the Pi: bit-exact integer semantics, and XNNPACK (no normalisations to amplify
-    rounding here) within a few LSB of x86 with the same masks."""
-    _, x86, arm, _ = _x86_and_arm(lite_setup, "int8", "reference")
-    assert np.array_equal(arm, x86), f"{int((arm != x86).sum())} of {arm.size} int8 outputs differ"
-    run, x86, arm, info = _x86_and_arm(lite_setup, "int8", "xnnpack")
-    assert info["xnnpack"] and arm.dtype == np.int8 and arm.shape == x86.shape == (2, 256, 256, 1)
-    lsb = np.abs(arm.astype(np.int16) - x86.astype(np.int16))
-    la, lx = run.from_model_output(arm), run.from_model_output(x86)
-    assert lsb.mean() < 2.0, (lsb.mean(), lsb.max())
-    assert float(((la > 0) == (lx > 0)).mean()) >= 0.995
-    assert float(((la > 0) == (lite_setup["torch"] > 0)).mean()) >= 0.98
+    """The pretrained family on the Pi: its integer semantics are bit-exact on aarch64, and so is XNNPACK (what a
+    Pi runs): no normalisation here amplifies rounding choices (measured: 0 of 131,072 outputs differ; the
+    masks agree with PyTorch's on 99.8 % of pixels)."""
+    for kernels in ("reference", "xnnpack"):
+        run, x86, arm, info = _x86_and_arm(lite_setup, "int8", kernels)
+        assert arm.dtype == np.int8 and arm.shape == x86.shape == (2, 256, 256, 1)
+        assert np.array_equal(arm, x86), f"{kernels}: {int((arm != x86).sum())} of {arm.size} int8 outputs differ"
+    assert info["xnnpack"], "XNNPACK was not created under emulation"
+    agree = float(((run.from_model_output(arm) > 0) == (lite_setup["torch"] > 0)).mean())
+    assert agree >= 0.99, agree
