@@ -23,8 +23,9 @@ def test_benchmark_rows_files_and_plots(cli, authors_ckpt, data_root, tmp_path):
     assert jetson and all(r["status"] != "ok" and "p50_ms" not in r for r in jetson)  # never a made-up number
     assert (out / "pareto.png").stat().st_size > 0 and (out / "latency_hist.png").stat().st_size > 0
     header = next(csv.reader(open(out / "benchmark.csv")))
-    assert header == ["target", "precision", "status", "size_kb", "mdice", "delta", "p50_ms", "p99_ms", "fps",
-                      "threads", "runtime"]
+    assert header == ["target", "precision", "status", "size_kb", "mdice", "delta", "worst_image_drop", "p50_ms",
+                      "p99_ms", "fps", "threads", "runtime"]
+    assert 0 <= onnx["worst_image_drop"] <= 0.02
     assert "| onnx | fp32 | ok |" in (out / "benchmark.md").read_text() and "| onnx | fp32 | ok |" in stdout
     # A second run reuses the exported artefact of the same checkpoint instead of exporting again; --duration
     # and --pin-core apply to the timing only (the process is unpinned again afterwards).
