@@ -75,8 +75,8 @@ def main() -> None:
             gate = "" if passed(parity) else " REJECTED"  # over its parity budget
             groups[sha][2].append((f"{r['target']} {r['precision']}{gate}", r["p50_ms"], r["p90_ms"], r["fps"],
                                    r["end_to_end"]["fps"], parity["delta"]))
-    print(f"one pinned core ({args.core}) of {os.cpu_count()} ({cpu_model() or 'CPU unknown'}), {args.warmup} warm-up + {args.runs} "
-          f"runs, batch 1, {contract.size}x{contract.size}")
+    print(f"one pinned core ({args.core}) of {os.cpu_count()} ({cpu_model() or 'CPU unknown'}), {args.warmup} "
+          f"warm-up + {args.runs} runs, batch 1, {contract.size}x{contract.size}")
     for name, eager, rows in groups.values():
         print(f"\n{name}")
         print(f"{'engine':32}{'p50 ms':>10}{'p90 ms':>10}{'FPS':>9}{'x PyTorch':>11}{'video FPS':>11}"

@@ -191,8 +191,8 @@ def evaluate(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON.")] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write overlays of the worst cases here.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Artefact only: the checkpoint it was exported from, "
-                                                      "to compare with (default: the shipped model, when it is "
-                                                      "that one).")] = None,
+                                                      "to compare with (default: the shipped checkpoint it was "
+                                                      "exported from, if it was).")] = None,
     data_root: DataRootOpt = None,
 ):
     """Evaluate a checkpoint, or an exported artefact with its own runtime, on a split: table on stdout, JSON and
@@ -663,8 +663,9 @@ def export_artefact(
     calib: Annotated[Optional[Path], typer.Option(help="Calibration manifest (int8).")] = None,
     max_dice_drop: Annotated[Optional[float], typer.Option(help="OpenVINO int8: accuracy-controlled "
                                                            "quantization, max mDice drop on the parity split.")] = None,
-    parity_split: Annotated[Optional[str], typer.Option(help="Parity frames (default: 100 validation frames "
-                                                        "carved from pranet-train, seed 42).")] = None,
+    parity_split: Annotated[Optional[str], typer.Option(help="Parity frames (default: the checkpoint's own first "
+                                                        "100 validation frames, else 100 carved from "
+                                                        "pranet-train, seed 42).")] = None,
     max_image_drop: Annotated[Optional[float], typer.Option(help="Parity budget on the worst single frame's "
                                                             "Dice loss (default by precision: fp32 0.02, fp16 "
                                                             "0.05, int8 0.25).")] = None,

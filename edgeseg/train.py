@@ -291,8 +291,6 @@ def _start_weights(model: torch.nn.Module, cfg: TrainConfig) -> dict | None:
     it; one of another architecture is refused. Returns what the run records as its ``init``, or None."""
     if cfg.weights is None:
         return None
-    from edgeseg.checkpoint import resolve_checkpoint
-
     path = resolve_checkpoint(cfg.weights)
     ckpt = read_checkpoint(path)
     if ckpt["model"] != cfg.model:

@@ -24,8 +24,8 @@ from pathlib import Path
 from edgeseg.errors import EdgesegError
 
 ENV_VAR = "EDGESEG_DATA"
-IMAGE_SUFFIX, MASK_SUFFIX = ".jpg", ".png"  # the shared datasets' layout; looked up first
-# Accepted file suffixes (any case), in lookup order: the first that exists names the file of an id.
+# Accepted file suffixes (any case), in lookup order (the shared datasets' .jpg / .png first): the first that
+# exists names the file of an id.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 ALL_PREFIX = "all:"

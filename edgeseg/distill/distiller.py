@@ -25,8 +25,8 @@ from edgeseg.distill.losses import (bernoulli_kl, ema_anchor, feature_mimic, kl_
 from edgeseg.errors import EdgesegError
 
 RECIPES = ("microaunet-2stage", "kdas", "feature", "logit")
-_NEEDS_FEATURES = {"feature", "microaunet-2stage"}
 LOGIT_RECIPES = ("logit", "kdas")  # need only the teacher's logits, so they can be precomputed (--teacher-cache)
+_NEEDS_FEATURES = set(RECIPES) - set(LOGIT_RECIPES)
 
 
 class Distiller(nn.Module):

@@ -307,10 +307,10 @@ def export(checkpoint: str | os.PathLike | None, target_id: str, out: str | os.P
     ckpt_path = resolve_checkpoint(checkpoint)
     provenance = {"model": ckpt["model"], "checkpoint": ckpt_path.name, "checkpoint_sha256": file_sha256(ckpt_path),
                   "calibration_sha256": manifest.hash if manifest else "none"}
+    budgets = {"budget": budget(precision, max_delta), "image_budget": image_budget(precision, max_image_drop)}
     with _staging(out) as tmp:
         result = _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, root,
-                        (parity_ids, parity_desc), (budget(precision, max_delta), image_budget(precision, max_image_drop)),
-                        max_dice_drop, backend)
+                        (parity_ids, parity_desc), budgets, max_dice_drop, backend)
         rejected = not passed(result.parity)
         result.path = _commit(tmp, out.with_name(out.name + ".rejected") if rejected else out)
         result.rejected = rejected
@@ -383,7 +383,9 @@ def _commit(tmp: Path, dest: Path) -> Path:
 
 
 def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, root, parity_split,
-           budgets, max_dice_drop, backend) -> ExportResult:
+           budgets: dict, max_dice_drop, backend) -> ExportResult:
+    """Build the artefact in ``tmp`` and measure its parity; ``budgets`` ({"budget", "image_budget"}) go into the
+    parity record that decides the gate."""
     from edgeseg.calibration import load_images
     from edgeseg.evaluate import torch_logits_fn
     from edgeseg.export._prepare import prepare_for_inference
@@ -411,9 +413,8 @@ def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, 
     runner = backend.load_runner(artefact, target, device=info.get("parity_device"))
     logits = run_batched(runner, frames.x)
     ref = run_batched(torch_logits_fn(model), frames.x)
-    parity = {**measure(ref, logits, frames.masks), "budget": budgets[0], "image_budget": budgets[1],
-              "precision": precision,
-              "target": target.id, "split": frames.description, "ids": list(frames.ids),
+    parity = {**measure(ref, logits, frames.masks), **budgets, "precision": precision, "target": target.id,
+              "split": frames.description, "ids": list(frames.ids),
               "runtime": getattr(runner, "effective", {})}
     note = few_frames_note(len(frames.ids))
     if note is not None:

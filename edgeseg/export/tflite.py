@@ -106,6 +106,9 @@ def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+STAMP = ".edgeseg-litert-ok"  # written last by setup_litert_env: the venv is complete
+
+
 def default_litert_venv() -> Path:
     """This installation's own conversion venv: one per Python environment (keyed by ``sys.prefix``), because
     the venv shares that environment's torch and edgeseg, so one venv must never serve another environment."""
@@ -120,17 +123,14 @@ def litert_python() -> str:
         return explicit
     if importlib.util.find_spec("litert_torch") and importlib.util.find_spec("ai_edge_quantizer"):
         return sys.executable
-    venv_py = _venv_python(default_litert_venv())
-    if venv_py.is_file() and (default_litert_venv() / STAMP).is_file():
-        return str(venv_py)
+    venv = default_litert_venv()
+    if _venv_python(venv).is_file() and (venv / STAMP).is_file():
+        return str(_venv_python(venv))
     raise ImportError(
         "TFLite conversion needs litert-torch; create its isolated environment once with "
         "`edgeseg setup tflite` "
-        f"(a venv at {default_litert_venv()} with {' '.join(LITERT_PINS)}), or point "
+        f"(a venv at {venv} with {' '.join(LITERT_PINS)}), or point "
         "EDGESEG_LITERT_PYTHON at an interpreter that has them")
-
-
-STAMP = ".edgeseg-litert-ok"
 
 
 def setup_litert_env(venv: str | os.PathLike | None = None, progress=None) -> Path:
