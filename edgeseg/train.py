@@ -106,10 +106,11 @@ class PlainObjective(torch.nn.Module):
 
 
 def _objective(cfg: TrainConfig, model, criterion, contract: InputContract):
-    """The plain objective, or a Distiller around a frozen teacher whose input contract must match."""
+    """The plain objective, or a Distiller around a frozen teacher of the same input size (fed the student's
+    input in its own normalisation)."""
     if cfg.distill is None:
         return PlainObjective(model, criterion, cfg.compile), None
-    from edgeseg.distill.distiller import Distiller
+    from edgeseg.distill.distiller import Distiller, teacher_for_student
 
     d = cfg.distill
     if cfg.compile:
@@ -119,11 +120,7 @@ def _objective(cfg: TrainConfig, model, criterion, contract: InputContract):
 
         check_teacher_cache(d.recipe, d.teacher_cache)
     teacher, t_contract, t_ckpt = load_model(d.teacher)
-    mine = (contract.size, contract.mean, contract.std)
-    theirs = (t_contract.size, t_contract.mean, t_contract.std)
-    if mine != theirs:
-        raise EdgesegError(f"teacher {d.teacher} expects input (size, mean, std) = {theirs} but the student is "
-                           f"trained with {mine}; train the teacher with the student's contract or pass --size")
+    teacher = teacher_for_student(teacher, t_contract, contract, d.teacher)
     info = {"recipe": d.recipe, "teacher": t_ckpt["model"],
             "teacher_sha256": file_sha256(resolve_checkpoint(d.teacher)), "teacher_cache": d.teacher_cache is not None}
     return Distiller(model, teacher, criterion, d.recipe, cfg.size, cfg.epochs, d.stage1_epochs, d.tau, d.alpha,

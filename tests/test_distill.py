@@ -13,6 +13,7 @@ from edgeseg.config import DistillConfig, build_config
 from edgeseg.contract import InputContract
 from edgeseg.data import load_decoded, read_split
 from edgeseg.distill import RECIPES, Distiller
+from edgeseg.distill.distiller import teacher_for_student
 from edgeseg.errors import EdgesegError
 from edgeseg.export import export
 from edgeseg.losses import SegLoss
@@ -94,12 +95,30 @@ def test_teacher_is_frozen_and_never_in_the_student(teacher_ckpt):
     assert not ids & {id(p) for p in d.teacher.parameters()}
 
 
-def test_contract_mismatch_is_refused_with_both_values(teacher_ckpt, tiny_split, data_root, tmp_path):
+def test_size_mismatch_is_refused_with_both_values(teacher_ckpt, tiny_split, data_root, tmp_path):
     cfg = build_config("default", model="microaunet", train_split=str(tiny_split), val_fraction=0.25, epochs=1,
                        size=256, data_root=str(data_root), out=str(tmp_path / "r"),
                        distill=DistillConfig(teacher=str(teacher_ckpt), recipe="logit"))
-    with pytest.raises(EdgesegError, match=r"\(128, None, None\).*\(256, None, None\)"):
+    with pytest.raises(EdgesegError, match=r"expects 128x128 input but the student is trained at 256x256"):
         train_mod.run(cfg)
+
+
+def test_teacher_with_its_own_normalisation_sees_its_own_input(teacher_ckpt, batch):
+    """A teacher trained with ImageNet mean/std teaching a student without normalisation gets, through the
+    per-channel conversion, exactly the input it was trained on."""
+    teacher, _, _ = load_model(teacher_ckpt)
+    student = InputContract(size=SIZE)
+    imagenet = InputContract(size=SIZE, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert teacher_for_student(teacher, student, student) is teacher
+    wrapped = teacher_for_student(teacher, imagenet, student)
+    x_student = batch[0]
+    x_own = (x_student - torch.tensor(imagenet.mean).view(1, 3, 1, 1)) / torch.tensor(imagenet.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.forward_all(x_student)["logits"], teacher.forward_all(x_own)["logits"],
+                                   rtol=1e-4, atol=1e-4)
+    assert wrapped.model_name == teacher.model_name
+    d = Distiller(create_model("microaunet"), wrapped, SegLoss(), "feature", SIZE, 4)
+    assert d.pairs and not any(k.startswith("teacher") for k in d.state_dict())
 
 
 def test_recipe_needing_features_the_teacher_lacks_names_it(teacher_ckpt, monkeypatch):

@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import nn
 
+from edgeseg.contract import InputContract
 from edgeseg.distill.losses import (bernoulli_kl, ema_anchor, feature_mimic, kl_weight, pixel_contrastive,
                                     spatial_attention_kl, symmetric_guiding)
 from edgeseg.errors import EdgesegError
@@ -27,6 +28,42 @@ from edgeseg.errors import EdgesegError
 RECIPES = ("microaunet-2stage", "kdas", "feature", "logit")
 LOGIT_RECIPES = ("logit", "kdas")  # need only the teacher's logits, so they can be precomputed (--teacher-cache)
 _NEEDS_FEATURES = set(RECIPES) - set(LOGIT_RECIPES)
+
+
+class RenormalisedTeacher(nn.Module):
+    """A teacher trained with another normalisation, fed the student's input: the per-channel affine map
+    x_teacher = (x_student * std_s + mean_s - mean_t) / std_t, exact up to float rounding (no mean/std = 0/1)."""
+
+    def __init__(self, teacher: nn.Module, student: InputContract, contract: InputContract):
+        super().__init__()
+        self.teacher, self.model_name = teacher, teacher.model_name
+
+        def mean_std(c: InputContract) -> tuple[torch.Tensor, torch.Tensor]:
+            mean, std = (c.mean, c.std) if c.mean is not None else ((0.0,) * 3, (1.0,) * 3)
+            return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+        (m_s, s_s), (m_t, s_t) = mean_std(student), mean_std(contract)
+        self.register_buffer("scale", s_s / s_t, persistent=False)
+        self.register_buffer("shift", (m_s - m_t) / s_t, persistent=False)
+
+    def forward_all(self, x: torch.Tensor) -> dict:
+        return self.teacher.forward_all(x * self.scale + self.shift)
+
+    def forward(self, x: torch.Tensor):
+        return self.teacher(x * self.scale + self.shift)
+
+
+def teacher_for_student(teacher: nn.Module, contract: InputContract, student: InputContract,
+                        name: str = "the teacher") -> nn.Module:
+    """The teacher, fed the student's input: its own normalisation is restored by :class:`RenormalisedTeacher`
+    when the two differ; a different network size is refused with both values (distillation is per pixel)."""
+    if contract.size != student.size:
+        raise EdgesegError(f"teacher {name} expects {contract.size}x{contract.size} input but the student is "
+                           f"trained at {student.size}x{student.size}; pass --size {contract.size} or train the "
+                           f"teacher at {student.size}")
+    if (contract.mean, contract.std) == (student.mean, student.std):
+        return teacher
+    return RenormalisedTeacher(teacher, student, contract).eval()
 
 
 class Distiller(nn.Module):
