@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +32,7 @@ class Runtime:
     extra: str                # pyproject optional-dependency group
     packages: tuple[str, ...]  # import names the backend needs on the export machine
     install: str              # the exact line a user runs when one is missing
+    device_install: str       # what the device that runs the artefact needs (the runtime alone)
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,14 @@ def _parse(path: Path) -> Target:
         raise EdgesegError(f"target file {path}: precision {raw['precision']!r} must be one of precisions "
                            f"{list(precisions)} (each in {PRECISIONS}) and device one of {DEVICES}")
     rt = raw["runtime"]
+    rt_keys = {f.name for f in fields(Runtime)}
+    if not isinstance(rt, dict) or set(rt) != rt_keys:
+        raise EdgesegError(f"target file {path}: [runtime] must have exactly the keys {sorted(rt_keys)}")
     return Target(
         id=raw["id"], description=raw["description"], backend=raw["backend"], device=raw["device"],
         precision=raw["precision"], precisions=precisions, artefact=raw["artefact"],
-        runtime=Runtime(extra=rt["extra"], packages=tuple(rt["packages"]), install=rt["install"]),
+        runtime=Runtime(extra=rt["extra"], packages=tuple(rt["packages"]), install=rt["install"],
+                        device_install=rt["device_install"]),
         profile=Profile(**raw["profile"]), via=raw.get("via"), compile=_frozen(raw.get("compile", {})),
     )
 

@@ -42,6 +42,18 @@ def test_target_rows_are_consistent(target):
 
 
 @pytest.mark.parametrize("target", list_targets(), ids=lambda t: t.id)
+def test_install_hints_name_extras_that_exist(target):
+    """Every pip line a target prints names optional-dependency groups that pyproject.toml really has."""
+    import re
+
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    assert target.runtime.extra in extras
+    for line in (target.runtime.install, target.runtime.device_install):
+        named = [e for group in re.findall(r"edgeseg\[([^\]]+)\]", line) for e in group.split(",")]
+        assert named and set(named) <= extras, (line, set(named) - extras)
+
+
+@pytest.mark.parametrize("target", list_targets(), ids=lambda t: t.id)
 def test_each_backend_module_exists(target):
     module = importlib.import_module(f"edgeseg.export.{target.backend}")
     assert callable(module.export) and callable(module.load_runner)
@@ -69,6 +81,12 @@ def test_bad_toml_is_refused(tmp_path, monkeypatch):
     (tmp_path / "mine.toml").write_text('id = "other"\n')
     monkeypatch.setattr(targets, "targets_dir", lambda: tmp_path)
     with pytest.raises(EdgesegError, match="missing keys"):
+        targets.list_targets()
+    (tmp_path / "mine.toml").unlink()
+    text = (REPO / "targets" / "onnx.toml").read_text()
+    (tmp_path / "onnx.toml").write_text("\n".join(l for l in text.splitlines() if not l.startswith("device_install")))
+    targets._load.cache_clear()
+    with pytest.raises(EdgesegError, match=r"\[runtime\] must have exactly the keys"):
         targets.list_targets()
 
 
