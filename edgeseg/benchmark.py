@@ -4,6 +4,12 @@ The Pareto front ignores differences below the measurement's noise: p50 latencie
 p90 - p50 spread) and mDice closer than 1e-3 are ties (see :func:`pareto_front`).
 
     edgeseg benchmark [CKPT] --targets all --out bench-out/
+    edgeseg benchmark --models ultraseg-108k-pranet,lite0-seg-pranet --test-split pranet-test-kvasir --out b/
+
+With several models (``--models``) each model's artefacts go to ``out/<model>/``, and with ``--test-split``
+every artefact is also scored on that split by its own runtime (on the device its parity gate used), so the
+plots compare models on frames none of them trained or was selected on: one ``pareto-<target>.png`` per
+target, whose front is the choice a user of that device makes.
 
 A target whose runtime is not installed, or whose device is absent (an Intel iGPU, a Jetson), is listed with
 its status instead of a number: nothing in the table is estimated.
@@ -51,8 +57,40 @@ def _reusable(folder: Path, checkpoint_sha: str) -> bool:
     return measured and config["checkpoint"]["sha256"] == checkpoint_sha
 
 
+def model_names(refs: list[str]) -> list[str]:
+    """The name each model is shown and filed under: a shipped checkpoint's name, else the file's stem, or its
+    folder's name for a training run's best.pt / last.pt. Two models with one name are refused."""
+    from edgeseg.checkpoint import shipped_weights
+
+    names = []
+    for ref in refs:
+        path = Path(ref)
+        names.append(str(ref) if str(ref) in shipped_weights() and not path.exists()
+                     else path.parent.name if path.stem in ("best", "last") and path.parent.name else path.stem)
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None or any(not n or n.startswith(".") for n in names):
+        raise EdgesegError(f"--models names two models {dup!r} (or one without a usable name): give each model a "
+                           "distinct file name")
+    return names
+
+
+def test_scores(folder: Path, splits: list[str], root: Path) -> dict[str, float]:
+    """mDice (network resolution, per image) of the artefact in ``folder`` on each split, run by its own
+    runtime on the device its parity gate used."""
+    from edgeseg.contract import InputContract
+    from edgeseg.data import read_split
+    from edgeseg.evaluate import evaluate_split
+    from edgeseg.export import make_runner, read_config
+
+    config = read_config(folder)
+    runner = make_runner(folder, config, device=config["backend_config"].get("parity_device"))
+    contract = InputContract.from_dict(config["input_contract"])
+    return {s: evaluate_split(runner, contract, root, read_split(s, root), native=False)["mdice"] for s in splits}
+
+
 def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, data_root, runs, warmup,
-                  threads, duration_s: float | None = None, pin_core: int | None = None) -> dict:
+                  threads, duration_s: float | None = None, pin_core: int | None = None,
+                  test_splits: list[str] = ()) -> dict:
     """Export (or reuse) ``checkpoint`` for one target x precision under ``out``, then profile it on this host.
     Every number in the row is measured; what could not be measured is said in ``status``."""
     from edgeseg.export import ParityFailure, export, require_runtime
@@ -75,6 +113,10 @@ def benchmark_row(checkpoint, ckpt_sha, target, precision, out: Path, calib, dat
         return {**row, "status": f"rejected by parity gate ({failure(parity)})",
                 **_artefact_facts(e.path, parity)}
     row.update(_artefact_facts(folder, json.loads((folder / "parity.json").read_text())))
+    if test_splits:
+        from edgeseg.data import resolve_data_root
+
+        row["test"] = test_scores(folder, list(test_splits), resolve_data_root(data_root))
     cores = os.sched_getaffinity(0)
     try:
         prof = profile_artefact(folder, threads=threads, pin_core=pin_core, warmup=warmup, runs=runs,
@@ -97,24 +139,43 @@ def _artefact_facts(folder: Path, parity: dict) -> dict:
 
 def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
                   runs: int = 200, warmup: int = 20, threads: int | None = None, duration_s: float | None = None,
-                  pin_core: int | None = None) -> list[dict]:
-    """Benchmark ``checkpoint`` on ``targets`` (None: all). Returns the rows; writes the table and plots.
-    Every option and the output folder are checked before the first export."""
+                  pin_core: int | None = None, models: list[str] | None = None,
+                  test_splits: list[str] = ()) -> list[dict]:
+    """Benchmark ``checkpoint`` (or each of ``models``) on ``targets`` (None: all), scoring every artefact on
+    ``test_splits`` too. Returns the rows; writes the table and plots. Every option, model, split and the
+    output folder are checked before the first export."""
     from edgeseg.checkpoint import resolve_checkpoint
+    from edgeseg.data import read_split, resolve_data_root
     from edgeseg.fileio import file_sha256
     from edgeseg.profiling import check_timing_options
     from edgeseg.targets import get_target, list_targets
 
     check_timing_options(runs, warmup, duration_s, threads, pin_core)
+    if models and checkpoint is not None:
+        raise EdgesegError("give either a checkpoint or --models, not both")
     out = check_output(out, "folder", what="the benchmark folder")
     chosen = list_targets() if not targets or targets == ["all"] else [get_target(t) for t in targets]
-    ckpt_sha = file_sha256(resolve_checkpoint(checkpoint))
+    refs = list(models) if models else [checkpoint]
+    names = model_names([r for r in refs if r is not None]) if models else [None]
+    shas = []
+    for ref in refs:
+        path = resolve_checkpoint(ref)
+        if not path.is_file():
+            raise EdgesegError(f"checkpoint {path} does not exist (see `edgeseg weights` for the shipped ones)")
+        shas.append(file_sha256(path))
+    for split in test_splits:
+        read_split(split, resolve_data_root(data_root))
     calib = calib or DEFAULT_CALIB
     make_folder(out, "the benchmark folder")
-    rows = [benchmark_row(checkpoint, ckpt_sha, t, p, out, calib, data_root, runs, warmup, threads, duration_s,
-                          pin_core)
-            for t in chosen for p in t.precisions]
-    write_table(rows, out)
+    rows = []
+    for ref, name, sha in zip(refs, names, shas):
+        folder = out if name is None else make_folder(out / name, "a model's benchmark folder")
+        for t in chosen:
+            for p in t.precisions:
+                row = benchmark_row(ref, sha, t, p, folder, calib, data_root, runs, warmup, threads, duration_s,
+                                    pin_core, test_splits)
+                rows.append(row if name is None else {"model": name, **row})
+    write_table(rows, out, list(test_splits))
     plot(rows, out)
     return rows
 
@@ -125,19 +186,30 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+def columns(rows: list[dict], test_splits: list[str] = ()) -> list[str]:
+    """The table's columns: ``model`` first when several models are compared, a test column per split."""
+    return (["model"] if any("model" in r for r in rows) else []) + COLUMNS + [f"test {s}" for s in test_splits]
+
+
+def _cells(r: dict) -> dict:
+    return {**r, **{f"test {s}": v for s, v in (r.get("test") or {}).items()}}
+
+
+def markdown(rows: list[dict], test_splits: list[str] = ()) -> str:
+    cols = columns(rows, test_splits)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(_cells(r).get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict], out: Path) -> None:
-    write_atomic(out / "benchmark.md", markdown(rows))
+def write_table(rows: list[dict], out: Path, test_splits: list[str] = ()) -> None:
+    write_atomic(out / "benchmark.md", markdown(rows, test_splits))
     write_atomic(out / "benchmark.json", json.dumps(rows, indent=2, default=str))
     table = io.StringIO(newline="")
-    w = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    cols = columns(rows, test_splits)
+    w = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
-    w.writerows({c: _fmt(r.get(c)) for c in COLUMNS} for r in rows)
+    w.writerows({c: _fmt(_cells(r).get(c)) for c in cols} for r in rows)
     write_atomic(out / "benchmark.csv", table.getvalue())
 
 
@@ -188,8 +260,10 @@ def _min_span(ax_lim: tuple[float, float], values: list[float], span: float) -> 
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    """pareto.png (mDice vs p50 latency, p50..p90 as a bar, the noise-aware front of :func:`pareto_front`)
-    and latency_hist.png (one histogram per timed row, p50 marked). Axes use plain numbers, never an offset."""
+    """pareto.png (mDice vs p50 latency, p50..p90 as a bar, the noise-aware front of :func:`pareto_front`),
+    with several models also pareto-<target>.png per target, and latency_hist.png (one histogram per timed
+    row, p50 marked). The mDice is the first test split's when the rows were scored on one, else the parity
+    frames'. Axes use plain numbers, never an offset."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,33 +272,51 @@ def plot(rows: list[dict], out: Path) -> None:
     timed = [r for r in rows if r.get("status") == "ok"]
     if not timed:
         return
+    split = next(iter(timed[0].get("test") or {}), None)
+    if split is not None:  # plot (and rank) by the test split's mDice
+        timed = [{**r, "mdice": r["test"][split]} for r in timed]
+    ylabel = f"mDice ({split})" if split else "mDice (parity frames)"
+    models = {r.get("model") for r in timed}
+
+    def name(r, with_target=True):
+        return " ".join(str(v) for v in (r.get("model"), r["target"] if with_target else None, r["precision"])
+                        if v is not None)
+
+    _pareto_plot(plt, timed, out / "pareto.png", "Dice vs latency", ylabel, name)
+    if len(models) > 1:
+        for target in dict.fromkeys(r["target"] for r in timed):
+            _pareto_plot(plt, [r for r in timed if r["target"] == target], out / f"pareto-{target}.png",
+                         f"{target}: Dice vs latency", ylabel, lambda r: name(r, with_target=False))
+    fig, axes = plt.subplots(len(timed), 1, figsize=(7, 1.8 * len(timed) + 0.4), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], timed):
+        ax.hist(r["samples_ms"], bins=40)
+        ax.axvline(r["p50_ms"], color="C3", lw=1.5, label=f"p50 {r['p50_ms']:.3f} ms")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.set_ylabel(name(r).replace(" ", "\n", 1 if len(models) == 1 else 2), fontsize=7)
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    axes[-1, 0].set_xlabel("latency (ms)")
+    fig.tight_layout()
+    _save(fig, out / "latency_hist.png")
+
+
+def _pareto_plot(plt, timed: list[dict], path: Path, title: str, ylabel: str, label) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, r in enumerate(timed):
         ax.errorbar(r["p50_ms"], r["mdice"], xerr=[[0.0], [max(_p90(r) - r["p50_ms"], 0.0)]], fmt="o", ms=6,
                     capsize=3)
-        ax.annotate(f"{r['target']} {r['precision']}", (r["p50_ms"], r["mdice"]), fontsize=8,
+        ax.annotate(label(r), (r["p50_ms"], r["mdice"]), fontsize=8,
                     xytext=(4, 4 if i % 2 == 0 else -12), textcoords="offset points")  # near-ties stay legible
     front = pareto_front(timed)
     ax.plot([r["p50_ms"] for r in front], [r["mdice"] for r in front], "k--", lw=1,
             label=f"Pareto front (ties: mDice < {DICE_TIE:g}, p50 < max(2 %, p90-p50))")
-    ax.set(xlabel="p50 latency (ms); bar to p90", ylabel="mDice (parity frames)", title="Dice vs latency")
+    ax.set(xlabel="p50 latency (ms); bar to p90", ylabel=ylabel, title=title)
     p50s, dices = [r["p50_ms"] for r in timed], [r["mdice"] for r in timed]
     ax.set_ylim(*_min_span(ax.get_ylim(), dices, 20 * DICE_TIE))
     ax.set_xlim(*_min_span(ax.get_xlim(), p50s, 0.2 * max(p50s)))
     ax.ticklabel_format(useOffset=False, style="plain")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, out / "pareto.png")
-    fig, axes = plt.subplots(len(timed), 1, figsize=(7, 1.8 * len(timed) + 0.4), sharex=True, squeeze=False)
-    for ax, r in zip(axes[:, 0], timed):
-        ax.hist(r["samples_ms"], bins=40)
-        ax.axvline(r["p50_ms"], color="C3", lw=1.5, label=f"p50 {r['p50_ms']:.3f} ms")
-        ax.legend(fontsize=7, loc="upper right")
-        ax.set_ylabel(f"{r['target']}\n{r['precision']}", fontsize=8)
-        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
-    axes[-1, 0].set_xlabel("latency (ms)")
-    fig.tight_layout()
-    _save(fig, out / "latency_hist.png")
+    _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:

@@ -511,20 +511,37 @@ def benchmark(
                                                       "of --runs.")] = None,
     pin_core: Annotated[Optional[int], typer.Option(help="Pin the timing (not the exports) to this CPU "
                                                     "core.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated checkpoints (files or shipped names) "
+                                                  "to compare, instead of CKPT; artefacts in OUT/<model>/.")] = None,
+    test_split: Annotated[Optional[str], typer.Option(help="Also score every artefact on these comma-separated "
+                                                      "splits with its own runtime; the plots use the first.")] = None,
     data_root: DataRootOpt = None,
 ):
-    """Export, parity-check and profile every target this host can run; table + Pareto plot.
+    """Export, parity-check and profile every target this host can run; table + Pareto plot(s).
 
     Examples:
 
         edgeseg benchmark --targets all --out bench/
         edgeseg benchmark runs/ultraseg/best.pt --targets onnx,openvino-cpu --runs 100 --warmup 10 --out bench/
+        edgeseg benchmark --models ultraseg-108k-pranet,lite0-seg-pranet --test-split pranet-test-kvasir --out b/
     """
     from edgeseg.benchmark import markdown, run_benchmark
 
-    rows = run_benchmark(checkpoint, targets.split(","), out, data_root, calib, runs, warmup, threads, duration,
-                         pin_core)
-    typer.echo(markdown(rows))
+    model_list = _comma_list(models, "--models")
+    splits = _comma_list(test_split, "--test-split") or []
+    rows = run_benchmark(checkpoint, _comma_list(targets, "--targets"), out, data_root, calib, runs, warmup,
+                         threads, duration, pin_core, model_list, splits)
+    typer.echo(markdown(rows, splits))
+
+
+def _comma_list(value: str | None, option: str) -> list[str] | None:
+    """``a,b`` -> [a, b]; an empty item (``a,,b``, a trailing comma) is refused with one line."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    if not all(items):
+        raise EdgesegError(f"{option} has an empty item in {value!r}; separate names with single commas")
+    return items
 
 
 @app.command()

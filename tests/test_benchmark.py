@@ -44,6 +44,31 @@ def test_benchmark_rows_files_and_plots(cli, authors_ckpt, data_root, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files from the plots
 
 
+def test_benchmark_compares_models_on_a_test_split(cli, authors_ckpt, data_root, parity16, tmp_path):
+    out = tmp_path / "models"
+    code, stdout, err = cli("benchmark", "--models", f"ultraseg-108k-pranet,{authors_ckpt}", "--targets", "onnx",
+                            "--test-split", parity16, "--runs", "3", "--warmup", "1", "--out", out,
+                            "--data-root", data_root)
+    assert code == 0, err
+    rows = json.loads((out / "benchmark.json").read_text())
+    assert [(r["model"], r["target"], r["status"]) for r in rows] == [("ultraseg-108k-pranet", "onnx", "ok"),
+                                                                       ("authors", "onnx", "ok")]
+    for r in rows:  # scored by the artefact's own runtime on the test split, close to the parity frames' score
+        assert (out / r["model"] / "onnx-fp32" / "model.onnx").is_file()
+        assert set(r["test"]) == {str(parity16)} and 0.3 < r["test"][str(parity16)] <= 1.0
+    header = next(csv.reader(open(out / "benchmark.csv")))
+    assert header[:2] == ["model", "target"] and header[-1] == f"test {parity16}"
+    assert "| ultraseg-108k-pranet | onnx | fp32 | ok |" in stdout
+    assert (out / "pareto-onnx.png").stat().st_size > 0 and (out / "pareto.png").stat().st_size > 0
+    for args, words in ((("--models", "ultraseg-108k-pranet,,x"), ("--models", "empty item")),
+                        (("--models", f"{authors_ckpt},{authors_ckpt}"), ("two models", "'authors'")),
+                        ((authors_ckpt, "--models", "ultraseg-108k-pranet"), ("either a checkpoint or --models",)),
+                        (("--models", "no-such-model"), ("does not exist",))):
+        code, _, err = cli("benchmark", *args, "--targets", "onnx", "--out", tmp_path / "bad", "--data-root", data_root)
+        assert code == 2 and all(w in err for w in words) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
 def _row(target, p50, mdice, spread=0.0):
     samples = [p50 - spread / 2] * 10 + [p50] + [p50 + spread] * 10  # p50 at p50, p90 at p50 + spread
     return {"target": target, "precision": "fp32", "status": "ok", "p50_ms": p50, "mdice": mdice,
