@@ -27,7 +27,7 @@ from edgeseg.benchmark import DEFAULT_CALIB, benchmark_row
 from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic, shipped_weights
 from edgeseg.contract import InputContract
 from edgeseg.errors import EdgesegError
-from edgeseg.export._prepare import LogitsOnly, prepare_for_inference
+from edgeseg.export._prepare import LogitsOnly, prepare
 from edgeseg.export.onnx import torch_to_onnx
 from edgeseg.profiling import pin_to_core, time_runner
 from edgeseg.targets import get_target, list_targets
@@ -59,10 +59,10 @@ def folding(ckpt: Path | None, work: Path, runs: int) -> dict:
     import onnxruntime as ort
 
     model, contract, _ = load_model(ckpt)
-    folded, report = prepare_for_inference(model, contract.size)
+    folded, report = prepare(model, contract.size)
     x = torch.from_numpy(contract.preprocess(np.random.default_rng(0).integers(0, 256, (contract.size,) * 2 + (3,),
                                                                                  dtype=np.uint8)))
-    out = {"bn_folded": report["bn_folded"], "gates_folded": report["gates_folded"]}
+    out = {"bn_folded": report["bn_folded"], "gates_folded": report["blocks_fused"].get("GSB", 0)}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     for label, module in (("before", LogitsOnly(model).eval()), ("after", folded)):

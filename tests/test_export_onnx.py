@@ -1,4 +1,4 @@
-"""Export preparation (BN and gate folding), the ONNX target end to end on real frames, the artefact
+"""Export preparation (the fused model every backend starts from), the ONNX target end to end on real frames, the artefact
 metadata, the parity gate's rejection path and the export CLI's bad-input errors."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic
 from edgeseg.contract import InputContract
-from edgeseg.export._prepare import fold_bn_into_following_conv, prepare_for_inference
+from edgeseg.export._prepare import prepare
 from edgeseg.export.parity import MAX_DELTA, dice_per_image, load_frames
 from edgeseg.metrics import dice
 from edgeseg.models import create_model
@@ -34,9 +34,11 @@ PARITY_KEYS = {"mdice_ref", "mdice", "delta", "worst_image_drop", "pixel_agreeme
 
 def test_folding_keeps_the_authors_model_outputs(authors_ckpt, data_root, parity16):
     model, contract, _ = load_model(authors_ckpt)
-    prepared, report = prepare_for_inference(model, contract.size)
-    assert report["bn_folded"] == 4 and report["gates_folded"] == 4  # 3 Down + 1 spatial-attention BN; 4 GSBs
+    prepared, report = prepare(model, contract.size)
+    assert report["bn_folded"] == 4 and report["blocks_fused"]["GSB"] == 4  # 3 Down + 1 spatial-attention BN
+    assert report["blocks_fused"]["TwoLogitHead"] == 1  # the authors' z_fg - z_bg as one conv
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    assert report["max_abs_diff_fp64"] < 1e-9 * 30
     frames = load_frames(data_root, parity16.read_text().split(), contract, "parity16")
     x = torch.from_numpy(frames.x[:4])
     with torch.inference_mode():
@@ -55,24 +57,11 @@ def test_folding_is_exact_with_trained_like_batchnorm(name, size):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
             nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
-    prepared, report = prepare_for_inference(model, size)
+    prepared, report = prepare(model, size)
     assert report["bn_folded"] == (3 if name.startswith("ultraseg") else 42)
     x = torch.rand(2, 3, size, size, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(prepared(x), model(x), rtol=1e-10, atol=1e-10)
-
-
-def test_bn_before_an_unpadded_conv_folds_exactly():
-    torch.manual_seed(1)
-    bn, conv = nn.BatchNorm2d(6).eval(), nn.Conv2d(6, 5, 2, stride=2)
-    bn.running_mean.uniform_(-2, 2), bn.running_var.uniform_(0.2, 3)
-    nn.init.uniform_(bn.weight, -1, 1), nn.init.uniform_(bn.bias, -1, 1)
-    x = torch.randn(3, 6, 8, 8, dtype=torch.float64)
-    bn, conv = bn.double(), conv.double()
-    with torch.no_grad():
-        ref = conv(bn(x))
-        fold_bn_into_following_conv(bn, conv)
-        torch.testing.assert_close(conv(x), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_vectorised_dice_matches_metrics():

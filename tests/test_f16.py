@@ -17,12 +17,12 @@ from edgeseg.export import f16
 def onnx_and_frames(data_root, tmp_path_factory):
     """The shipped model's ONNX intermediate (as every export makes it) and 4 real parity frames."""
     from edgeseg.checkpoint import load_model
-    from edgeseg.export._prepare import prepare_for_inference
+    from edgeseg.export._prepare import prepare
     from edgeseg.export.onnx import torch_to_onnx
     from edgeseg.export.parity import load_frames, resolve_parity_ids
 
     model, contract, _ = load_model(None)
-    prepared, _ = prepare_for_inference(model, contract.size)
+    prepared, _ = prepare(model, contract.size)
     path = torch_to_onnx(prepared, contract.size, tmp_path_factory.mktemp("f16") / "model.onnx", {})
     ids, _ = resolve_parity_ids(None, data_root)
     return path, load_frames(data_root, ids[:4], contract, "parity[:4]").x

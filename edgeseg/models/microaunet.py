@@ -4,6 +4,11 @@ Re-implemented from the released JeremyXSC/MicroAUNet MAUNet class on the
 MALUNet-family skeleton; the head emits logits (the released net ends in a sigmoid) and the five pre-bridge
 encoder skips are returned for feature distillation. ``microaunet`` is the paper's 0.0249 M size (half the
 released width); ``microaunet-84k`` is the released default width.
+
+Inference forms (``fuse()``, see :mod:`edgeseg.models.fuse`), each the same maths: DWDConv with both BNs
+folded into its convs; the bridge's Conv1d(1, 1, 3) + Linear over the pooled channel vector folded into one
+1x1 conv, and its channel max as a tree of elementwise maxima (int8 quantisers may not handle a max
+reduction: ai-edge-quantizer leaves REDUCE_MAX in float).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeseg.models._registry import register_model
+from edgeseg.models.fuse import fold_bn_into_preceding_conv
 from edgeseg.models.malunet import DWConvGN, MalunetSkeleton, channel_mean_max, init_family_weights
 
 __all__ = ["MicroAUNet", "microaunet", "microaunet_84k"]
@@ -30,6 +36,21 @@ class DWDConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn_pw(self.pw(F.relu(self.bn_dw(self.dw(x))))))
+
+    def fuse(self) -> FusedDWDConv:
+        return FusedDWDConv(fold_bn_into_preceding_conv(self.dw, self.bn_dw),
+                            fold_bn_into_preceding_conv(self.pw, self.bn_pw))
+
+
+class FusedDWDConv(nn.Module):
+    """DWDConv with both BNs folded: relu(pw(relu(dw(x))))."""
+
+    def __init__(self, dw: nn.Conv2d, pw: nn.Conv2d) -> None:
+        super().__init__()
+        self.dw, self.pw = dw, pw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.pw(F.relu(self.dw(x))))
 
 
 class DWDBlock(nn.Module):
@@ -87,6 +108,46 @@ class LSCAB(nn.Module):
             att = self.alpha * c_att[:, :, None, None] + self.beta * s_att
             out.append(att * t + t)
         return out
+
+    def fuse(self) -> FusedLSCAB:
+        return FusedLSCAB(self)
+
+
+class FusedLSCAB(nn.Module):
+    """LSCAB with Conv1d(1, 1, 3) + Linear folded into one 1x1 conv on the pooled (B, S, 1, 1) vector, the
+    channel max as a tree of maxima, and ``att * t + t`` as ``t * (1 + att)``."""
+
+    def __init__(self, lscab: LSCAB) -> None:
+        super().__init__()
+        s = sum(lscab.splits)
+        k = lscab.channel_mix.weight.detach().reshape(3)
+        # conv1d (cross-correlation, padding 1): out[i] = sum_t k[t] v[i + t - 1], a banded matrix
+        band = torch.zeros(s, s, dtype=k.dtype, device=k.device)
+        for t in range(3):
+            band += torch.diag(torch.full((s - abs(t - 1),), float(k[t]), dtype=k.dtype, device=k.device),
+                               diagonal=t - 1)
+        w = lscab.channel_fc.weight.detach() @ band
+        self.register_buffer("channel_w", w[:, :, None, None].clone())
+        self.register_buffer("channel_b", lscab.channel_fc.bias.detach().clone())
+        self.splits, self.spatial, self.alpha, self.beta = lscab.splits, lscab.spatial, lscab.alpha, lscab.beta
+
+    def forward(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        v = torch.cat([t.mean((2, 3), keepdim=True) for t in skips], dim=1)  # (B, S, 1, 1)
+        v = torch.sigmoid(F.conv2d(v, self.channel_w, self.channel_b))
+        out = []
+        for t, c_att in zip(skips, v.split(self.splits, dim=1)):
+            s_att = torch.sigmoid(self.spatial(torch.cat([t.mean(dim=1, keepdim=True), _channel_max(t)], dim=1)))
+            out.append(t * (1 + self.alpha * c_att + self.beta * s_att))
+        return out
+
+
+def _channel_max(t: torch.Tensor) -> torch.Tensor:
+    """``t.amax(1, keepdim=True)`` as a tree of elementwise maxima over channel halves (exact)."""
+    while t.shape[1] > 1:
+        half = t.shape[1] // 2
+        m = torch.maximum(t[:, :half], t[:, half:2 * half])
+        t = torch.cat([m, t[:, 2 * half:]], 1) if t.shape[1] % 2 else m
+    return t
 
 
 class MicroAUNet(MalunetSkeleton):

@@ -5,6 +5,12 @@ released code, with one decision of our own: every head emits logits and the los
 code applies it twice). ``num_classes=2`` builds the authors' 2-logit head so that their released weights
 load; its output is reduced to the single foreground logit ``z_fg - z_bg``, whose sign is exactly the
 argmax of the two logits, so everything downstream sees one channel.
+
+Inference forms (``fuse()``, see :mod:`edgeseg.models.fuse`), each the same maths: ``Down``'s BN folded into
+its unpadded conv; the GSB gates, which do not depend on the input, computed once at the feature size and
+stored as one constant; the channel LayerNorm with ``rsqrt``; ``x + x * sigmoid(z) [+ ...]`` in the heads and
+merges as ``x * (1 + sigmoid(z) [+ ...])`` (the multi-channel tensor is touched, and in int8 requantised,
+once); the 2-logit head as one 1x1 conv.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeseg.models._registry import SegModel, register_model
+from edgeseg.models.fuse import fold_bn_into_following_conv
 from edgeseg.models.malunet import init_family_weights
 
 __all__ = ["UltraSeg"]
@@ -33,6 +40,10 @@ class Down(nn.Module):
 
     def forward(self, x):
         return self.conv(self.bn(x))
+
+    def fuse(self) -> nn.Conv2d:
+        # exact: the conv has no padding, so every output pixel sees only (normalised) real inputs
+        return fold_bn_into_following_conv(self.bn, self.conv)
 
 
 class EDB(nn.Module):
@@ -69,6 +80,25 @@ class ChannelLayerNorm(nn.Module):
         x = (x - mu) / torch.sqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
+    def fuse(self) -> FusedChannelLayerNorm:
+        return FusedChannelLayerNorm(self)
+
+
+class FusedChannelLayerNorm(nn.Module):
+    """ChannelLayerNorm with ``rsqrt`` (no SQRT + DIV) and (1, C, 1, 1) constants."""
+
+    def __init__(self, ln: ChannelLayerNorm):
+        super().__init__()
+        self.register_buffer("weight", ln.weight.detach().clone()[None, :, None, None])
+        self.register_buffer("bias", ln.bias.detach().clone()[None, :, None, None])
+        self.eps = ln.eps
+
+    def forward(self, x):
+        mu = x.mean(1, keepdim=True)
+        d = x - mu
+        var = (d * d).mean(1, keepdim=True)
+        return d * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
 
 def _dw_gelu_pw(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in), nn.GELU(), nn.Conv2d(c_in, c_out, 1))
@@ -77,7 +107,7 @@ def _dw_gelu_pw(c_in: int, c_out: int) -> nn.Sequential:
 class GSB(nn.Module):
     """Group-Shuffle Block. Each quarter of the channels is multiplied by a gate computed from a learned
     8x8 map resized to the feature size: the gate does not depend on the input, so at a fixed input size
-    it is a constant that export can fold. Quarters are re-concatenated in the order 2, 4, 1, 3."""
+    it is a constant that ``fuse`` freezes. Quarters are re-concatenated in the order 2, 4, 1, 3."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -104,6 +134,27 @@ class GSB(nn.Module):
         x = torch.cat([x2 * g2, x4 * g4, x1 * g1, x3 * g3], dim=1)
         return self.ldw(self.norm2(x))
 
+    def fuse(self, size: tuple[int, int]) -> FrozenGSB:
+        return FrozenGSB(self, size)
+
+
+class FrozenGSB(nn.Module):
+    """GSB at one feature size: the four gates, in the shuffled order, as one constant (1, C, H, W)."""
+
+    def __init__(self, gsb: GSB, size: tuple[int, int]):
+        super().__init__()
+        with torch.no_grad():
+            g1, g2, g3, g4 = gsb.gates(size)
+        self.register_buffer("gate", torch.cat([g2, g4, g1, g3], 1).detach().clone())
+        self.size = tuple(size)
+        self.norm1, self.norm2, self.ldw = gsb.norm1, gsb.norm2, gsb.ldw
+
+    def forward(self, x):
+        if tuple(x.shape[2:]) != self.size:
+            raise ValueError(f"GSB frozen for feature size {self.size}, got {tuple(x.shape[2:])}")
+        x1, x2, x3, x4 = torch.chunk(self.norm1(x), 4, dim=1)
+        return self.ldw(self.norm2(torch.cat([x2, x4, x1, x3], 1) * self.gate))
+
 
 class RegionHead(nn.Module):
     """Region logit z from a 1x1 conv; the features are re-weighted by sigmoid(z)."""
@@ -115,6 +166,21 @@ class RegionHead(nn.Module):
     def forward(self, x):
         z = self.conv(x)
         return x + x * torch.sigmoid(z), z
+
+    def fuse(self) -> FusedRegionHead:
+        return FusedRegionHead(self.conv)
+
+
+class FusedRegionHead(nn.Module):
+    """RegionHead as ``x * (1 + sigmoid(z))``."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        z = self.conv(x)
+        return x * (1 + torch.sigmoid(z)), z
 
 
 class GateHead(nn.Module):
@@ -128,6 +194,21 @@ class GateHead(nn.Module):
     def forward(self, x):
         zb, z = self.conv1(x), self.conv2(x)
         return x + x * torch.sigmoid(zb) + x * torch.sigmoid(z), z, zb
+
+    def fuse(self) -> FusedGateHead:
+        return FusedGateHead(self.conv1, self.conv2)
+
+
+class FusedGateHead(nn.Module):
+    """GateHead as ``x * (1 + sigmoid(zb) + sigmoid(z))``."""
+
+    def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d):
+        super().__init__()
+        self.conv1, self.conv2 = conv1, conv2
+
+    def forward(self, x):
+        zb, z = self.conv1(x), self.conv2(x)
+        return x * (1 + torch.sigmoid(zb) + torch.sigmoid(z)), z, zb
 
 
 class AdaptiveMerge(nn.Module):
@@ -148,6 +229,47 @@ class AdaptiveMerge(nn.Module):
         if self.boundary_weight is not None:
             out = out + torch.sigmoid(zb) * skip * self.boundary_weight
         return out
+
+    def fuse(self) -> FusedAdaptiveMerge:
+        return FusedAdaptiveMerge(self)
+
+
+class FusedAdaptiveMerge(nn.Module):
+    """AdaptiveMerge as ``adapter(dec) + skip * (1 + w_r * sigmoid(z) [+ w_b * sigmoid(zb)])``."""
+
+    def __init__(self, merge: AdaptiveMerge):
+        super().__init__()
+        self.feature_adapter = merge.feature_adapter
+        self.region_weight, self.boundary_weight = merge.region_weight, merge.boundary_weight
+
+    def forward(self, dec, skip, z, zb=None):
+        gate = 1 + torch.sigmoid(z) * self.region_weight
+        if self.boundary_weight is not None:
+            gate = gate + torch.sigmoid(zb) * self.boundary_weight
+        return self.feature_adapter(dec) + skip * gate
+
+
+class TwoLogitHead(nn.Sequential):
+    """The authors' 2-logit 1x1 head (background, foreground), reduced to ``z_fg - z_bg``: its sign is exactly
+    the argmax of the two logits."""
+
+    def __init__(self, c: int):
+        super().__init__(nn.Conv2d(c, 2, 1))
+
+    def forward(self, x):
+        z = self[0](x)
+        return z[:, 1:2] - z[:, 0:1]
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """``z_fg - z_bg`` of a 1x1 conv is one 1x1 conv (weights and biases subtracted). Besides a SLICE/SUB
+        pair, this removes a catastrophic cancellation from int8 models: two large logits quantised
+        separately, then subtracted."""
+        conv = self[0]
+        fused = nn.Conv2d(conv.in_channels, 1, 1).to(conv.weight)
+        fused.weight.copy_(conv.weight[1:2] - conv.weight[0:1])
+        fused.bias.copy_(conv.bias[1:2] - conv.bias[0:1])
+        return fused
 
 
 class AttentionFusion(nn.Module):
@@ -201,7 +323,7 @@ class UltraSeg(SegModel):
         self.gate1, self.gate2, self.gate3 = GateHead(c3), GateHead(c2), GateHead(c1)
         self.merge4 = AdaptiveMerge(c4, use_boundary=False)
         self.merge3, self.merge2, self.merge1 = (AdaptiveMerge(c, use_boundary=True) for c in (c3, c2, c1))
-        self.final = nn.Sequential(nn.Conv2d(c1, num_classes, 1))
+        self.final = TwoLogitHead(c1) if num_classes == 2 else nn.Sequential(nn.Conv2d(c1, 1, 1))
         self.apply(init_family_weights)  # the init shared across the seed code (as in the seed papers' released code)
 
     def forward_all(self, x: torch.Tensor) -> dict:
@@ -232,11 +354,8 @@ class UltraSeg(SegModel):
         d4, z1, b3 = self.gate3(d4)
         d4 = self.merge1(d4, t1, z1, b3)  # (B, c1, H/2, W/2)
 
-        out = self.final(d4)
-        if self.num_classes == 2:
-            out = out[:, 1:2] - out[:, 0:1]  # sign == argmax of the two logits
         return {
-            "logits": _up2(out),
+            "logits": _up2(self.final(d4)),
             "region": [z4, z3, z2, z1],
             "boundary": [b1, b2, b3],
             "features": [t1, t2, t3, t4],
