@@ -186,6 +186,11 @@ def build_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint", ex
         raise EdgesegError(f"{path}: weights do not fit architecture {ckpt['model']!r} "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); it was saved from another "
                            "architecture or edited")
+    diverged = next((k for k, v in ckpt["state_dict"].items()
+                     if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if diverged is not None:
+        raise EdgesegError(f"{path}: weight {diverged!r} holds NaN or infinite values; the training run diverged "
+                           "or the file was edited")
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:

@@ -239,6 +239,8 @@ def test_text_and_wrong_schema_checkpoints(cli, root, tmp_path, ckpt64):
         "bad-size": {**good, "contract": {**good["contract"], "size": "large"}},
         "bad-mean": {**good, "contract": {**good["contract"], "mean": [0.5], "std": [1.0, 1.0, 1.0]}},
         "bad-kwargs": {**good, "model_kwargs": {"no_such_option": 3}},
+        "nan-weight": {**good, "state_dict": {k: (v * float("nan") if i == 0 else v)
+                                              for i, (k, v) in enumerate(good["state_dict"].items())}},
     }
     for name, ckpt in bad_cases.items():
         torch.save(ckpt, tmp_path / f"{name}.pt")

@@ -2,11 +2,11 @@
 
     edgeseg export CKPT --target openvino-cpu --precision int8 --calib calibration/pranet-train-300.json --out art/
 
-Pipeline (the same for every target): validate every input -> prepare (fold BN and UltraSeg's gates,
-logits only) -> ONNX intermediate (opset 17, onnxslim, metadata_props) -> the target's backend module
-``edgeseg.export.<backend>`` -> config.json -> parity on held-out real frames -> parity.json. Everything is
-built in a temp folder beside ``--out`` and renamed at the end; an artefact over its parity budget is kept
-as ``<out>.rejected`` and :class:`ParityFailure` is raised.
+Pipeline (the same for every target): validate every input -> prepare (every block in its inference
+form, BN folded, logits only, checked in float64) -> ONNX intermediate (opset 17, onnxslim, metadata_props)
+-> the target's backend module ``edgeseg.export.<backend>`` -> config.json -> parity on held-out real
+frames -> parity.json. Everything is built in a temp folder beside ``--out`` and renamed at the end; an
+artefact over its parity budget is kept as ``<out>.rejected`` and :class:`ParityFailure` is raised.
 
 A backend module provides ``export(source, request, out_dir) -> (model_path, info)`` and
 ``load_runner(path, target, device=None) -> logits_fn``; nothing else in the pipeline knows a runtime.
@@ -131,7 +131,7 @@ def make_runner(folder: Path, config: dict, device: str | None = None, threads: 
     except ImportError as e:  # a device with only some runtimes installed
         missing = f"the Python package {e.name!r}" if e.name else f"a package it cannot import ({e})"
         raise EdgesegError(f"{folder} is a {target.id} artefact, whose runtime needs {missing}: "
-                           f"pip install edgeseg[runtime-{target.backend}]") from None
+                           f"{target.runtime.device_install}") from None
     except Exception as e:
         if not _is_load_error(e):
             raise
@@ -388,13 +388,13 @@ def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, 
     parity record that decides the gate."""
     from edgeseg.calibration import load_images
     from edgeseg.evaluate import torch_logits_fn
-    from edgeseg.export._prepare import prepare_for_inference
+    from edgeseg.export._prepare import prepare
     from edgeseg.export.onnx import torch_to_onnx
     from edgeseg.export.parity import few_frames_note, load_frames, measure, run_batched
 
     times = {}
     t0 = time.perf_counter()
-    prepared, prep_report = prepare_for_inference(model, contract.size)
+    prepared, prep_report = prepare(model, contract.size)
     metadata = _onnx_metadata(contract, provenance)
     work = tmp / ".work"
     work.mkdir()
