@@ -109,11 +109,11 @@ class GSB(nn.Module):
     8x8 map resized to the feature size: the gate does not depend on the input, so at a fixed input size
     it is a constant that ``fuse`` freezes. Quarters are re-concatenated in the order 2, 4, 1, 3."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, norm: str = "seed"):
         super().__init__()
         c = c_in // 4
-        self.norm1 = ChannelLayerNorm(c_in)
-        self.norm2 = ChannelLayerNorm(c_in)
+        self.norm1 = ChannelLayerNorm(c_in) if norm == "seed" else nn.BatchNorm2d(c_in)
+        self.norm2 = ChannelLayerNorm(c_in) if norm == "seed" else nn.BatchNorm2d(c_in)
         for j in range(1, 5):
             setattr(self, f"share_space{j}", nn.Parameter(torch.ones(1, c, 8, 8)))
             setattr(self, f"conv{j}", _dw_gelu_pw(c, c))
@@ -292,33 +292,46 @@ class UltraSeg(SegModel):
     """UltraSeg encoder-decoder. ``fusion=False`` is the 108K graph, ``fusion=True`` the 130K graph (AGF +
     spatial attention at the bottleneck, learned EDB scales).
 
+    ``norm="seed"`` uses the paper's norms: GroupNorm(4) after the encoder and decoder stages, a channel
+    LayerNorm in the GSBs. ``norm="bn"`` (the deploy-native ``-bn`` variants) puts BatchNorm in all of those
+    places: in inference a BatchNorm is a per-channel scale and shift that the runtimes fold into the adjacent
+    convolution, where the seed norms compute statistics of every frame (costly, and in int8 hard to quantise).
+
     Shapes: x (B, 3, H, W) with H, W multiples of 32 -> logits (B, 1, H, W).
     """
 
     region_weights = (0.1, 0.2, 0.3, 0.4)  # z4 (H/16) ... z1 (H/2): coarse heads get small weights
     boundary_weights = (0.1, 0.2, 0.3)  # b1 (H/8) ... b3 (H/2)
 
-    def __init__(self, channels=(8, 16, 48, 64, 96), fusion: bool = False, num_classes: int = 1):
+    def __init__(self, channels=(8, 16, 48, 64, 96), fusion: bool = False, num_classes: int = 1,
+                 norm: str = "seed"):
         super().__init__()
         if num_classes not in (1, 2):
             raise ValueError(f"num_classes must be 1 (sigmoid) or 2 (authors' softmax head), got {num_classes}")
+        if norm not in ("seed", "bn"):
+            raise ValueError(f"norm must be 'seed' (GroupNorm + channel LayerNorm) or 'bn', got {norm!r}")
+        stage_norm = (lambda c: nn.GroupNorm(4, c)) if norm == "seed" else nn.BatchNorm2d
         c1, c2, c3, c4, c5 = channels
         self.channels, self.fusion, self.num_classes = tuple(channels), fusion, num_classes
-        self.encoder1 = nn.Sequential(nn.Conv2d(3, c1, 3, padding=1))
-        self.encoder2 = nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1))
+        # A BatchNorm right after a stage's conv sits in the stage's Sequential, where fuse_model folds it.
+        bn_in_stage = (lambda c: [nn.BatchNorm2d(c)]) if norm == "bn" else (lambda c: [])
+        self.encoder1 = nn.Sequential(nn.Conv2d(3, c1, 3, padding=1), *bn_in_stage(c1))
+        self.encoder2 = nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1), *bn_in_stage(c2))
         self.encoder3 = nn.Sequential(nn.Conv2d(c2, c3, 3, padding=1), EDB(c3, fusion), EDB(c3, fusion))
-        self.encoder4 = nn.Sequential(GSB(c3, c4))
-        self.ebn1, self.ebn2, self.ebn3, self.ebn4 = (nn.GroupNorm(4, c) for c in (c1, c2, c3, c4))
+        self.encoder4 = nn.Sequential(GSB(c3, c4, norm))
+        self.ebn1, self.ebn2 = (stage_norm(c) if norm == "seed" else nn.Identity() for c in (c1, c2))
+        self.ebn3, self.ebn4 = stage_norm(c3), stage_norm(c4)
         self.Down1, self.Down2, self.Down3 = Down(c1), Down(c2), Down(c3)
         if fusion:
             self.multiscale_fusion = AttentionFusion(c3, c4)
             self.attention_alpha = nn.Parameter(torch.tensor(0.3))
         self.bottleneck = nn.Conv2d(c4, c5, 3, padding=1)
-        self.decoder1 = nn.Sequential(GSB(c5, c4))
-        self.decoder2 = nn.Sequential(GSB(c4, c3))
-        self.decoder3 = nn.Sequential(GSB(c3, c2))
-        self.decoder4 = nn.Sequential(nn.Conv2d(c2, c1, 3, padding=1))
-        self.dbn1, self.dbn2, self.dbn3, self.dbn4 = (nn.GroupNorm(4, c) for c in (c4, c3, c2, c1))
+        self.decoder1 = nn.Sequential(GSB(c5, c4, norm))
+        self.decoder2 = nn.Sequential(GSB(c4, c3, norm))
+        self.decoder3 = nn.Sequential(GSB(c3, c2, norm))
+        self.decoder4 = nn.Sequential(nn.Conv2d(c2, c1, 3, padding=1), *bn_in_stage(c1))
+        self.dbn1, self.dbn2, self.dbn3 = (stage_norm(c) for c in (c4, c3, c2))
+        self.dbn4 = stage_norm(c1) if norm == "seed" else nn.Identity()
         self.pred1 = RegionHead(c4)
         self.gate1, self.gate2, self.gate3 = GateHead(c3), GateHead(c2), GateHead(c1)
         self.merge4 = AdaptiveMerge(c4, use_boundary=False)
@@ -366,6 +379,12 @@ class UltraSeg(SegModel):
 @register_model
 def ultraseg_108k(**kw) -> UltraSeg:
     return UltraSeg((8, 16, 48, 64, 96), fusion=False, **kw)
+
+
+@register_model
+def ultraseg_108k_bn(**kw) -> UltraSeg:
+    """UltraSeg-108K, deploy-native: BatchNorm in place of its GroupNorm and channel LayerNorm."""
+    return UltraSeg((8, 16, 48, 64, 96), fusion=False, norm="bn", **kw)
 
 
 @register_model
