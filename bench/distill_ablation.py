@@ -1,12 +1,17 @@
 """Distillation ablation on the PraNet protocol: the student alone vs each recipe, same epochs, seeds and data.
 
-    python bench/distill_ablation.py --teacher runs/malunet/best.pt --student microaunet --epochs 10 \
-        --seeds 0 1 2 --out runs/ablation
+    python bench/distill_ablation.py --teacher lite0-seg-pranet --student ultraseg-108k --epochs 30 \
+        --recipes none logit --seeds 0 1 2 --teacher-cache runs/teacher-cache --out runs/ablation
 
 Every (recipe, seed) run lives in its own folder under --out and is resumed or skipped when it already
-finished, so the ablation can span several sessions. Selection is on the validation split carved from
-pranet-train; the table reports mean +/- std over seeds of the per-image mDice on both PraNet test lists,
-printed and written to ablation.md / ablation.json.
+finished, so the ablation can span several sessions, and two invocations with ``--threads 1`` and disjoint
+``--seeds`` use both cores (a last invocation with every seed then only prints the table).
+
+Every run validates on the teacher's own validation carve (the carve recorded in the teacher checkpoint's
+config, checked against its split hash), so no student is selected on frames its teacher trained on; a seed
+sets the student's init, sampling and augmentation. The table reports mean +/- std over seeds of the
+per-image mDice on the validation carve and both PraNet test lists, printed and written to ablation.md /
+ablation.json.
 """
 
 from __future__ import annotations
@@ -17,22 +22,42 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseg.checkpoint import load_model, read_checkpoint
+from edgeseg.checkpoint import load_model, read_checkpoint, resolve_checkpoint
 from edgeseg.config import DistillConfig, build_config
-from edgeseg.data import read_split, resolve_data_root
+from edgeseg.data import read_split, resolve_data_root, train_val_ids
+from edgeseg.data.splits import split_hash
 from edgeseg.distill import RECIPES
+from edgeseg.distill.distiller import LOGIT_RECIPES
 from edgeseg.evaluate import evaluate_split, torch_logits_fn
 from edgeseg.train import run
 
 TESTS = ("pranet-test-kvasir", "pranet-test-cvc-clinicdb")
 
 
-def one_run(args, recipe: str, seed: int) -> dict:
+def teacher_splits(args) -> tuple[str, str]:
+    """Split files (train, val) under --out: the teacher's train split minus its validation carve, and the carve."""
+    ckpt = read_checkpoint(args.teacher)
+    cfg, root = ckpt["config"], resolve_data_root(args.data_root)
+    train_ids, val_ids = train_val_ids(cfg["train_split"], cfg["val_split"], cfg["val_fraction"], cfg["seed"], root)
+    if split_hash(val_ids) != ckpt["splits"]["val"]:
+        raise SystemExit(f"cannot rebuild the validation carve of {args.teacher} from its config")
+    files = []
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        path = Path(args.out) / f"teacher-{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(ids) + "\n")
+        files.append(str(path))
+    return files[0], files[1]
+
+
+def one_run(args, splits: tuple[str, str], recipe: str, seed: int) -> dict:
     out = Path(args.out) / f"{recipe}-seed{seed}"
-    distill = None if recipe == "none" else DistillConfig(teacher=str(args.teacher), recipe=recipe,
-                                                          stage1_epochs=args.stage1_epochs)
+    distill = None if recipe == "none" else DistillConfig(
+        teacher=str(args.teacher), recipe=recipe, stage1_epochs=args.stage1_epochs,
+        teacher_cache=args.teacher_cache if recipe in LOGIT_RECIPES else None)
     cfg = build_config("default", model=args.student, epochs=args.epochs, seed=seed, threads=args.threads,
-                       data_root=args.data_root, cache_dir=args.cache_dir, out=str(out), distill=distill)
+                       train_split=splits[0], val_split=splits[1], data_root=args.data_root,
+                       cache_dir=args.cache_dir, out=str(out), distill=distill)
     done = (out / "last.pt").is_file() and read_checkpoint(out / "last.pt")["epoch"] >= args.epochs
     if not done:
         run(cfg, resume=(out / "last.pt").is_file())
@@ -54,7 +79,7 @@ def test_scores(checkpoint: Path, result_file: Path, data_root) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", required=True, help="teacher checkpoint trained on pranet-train")
+    ap.add_argument("--teacher", required=True, help="teacher checkpoint (or shipped name) trained on pranet-train")
     ap.add_argument("--student", default="microaunet")
     ap.add_argument("--recipes", nargs="+", default=["none", *RECIPES], choices=["none", *RECIPES])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -63,10 +88,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--teacher-cache", default=None, help="logit, kdas: the teacher's cached logits (offline)")
     ap.add_argument("--out", default="runs/ablation")
     args = ap.parse_args()
+    args.teacher = str(resolve_checkpoint(args.teacher))  # a file or a shipped name
 
-    results = {r: [one_run(args, r, s) for s in args.seeds] for r in args.recipes}
+    splits = teacher_splits(args)
+    results = {r: [one_run(args, splits, r, s) for s in args.seeds] for r in args.recipes}
     teacher_ckpt = read_checkpoint(args.teacher)
     teacher = test_scores(Path(args.teacher), Path(args.out) / "teacher-test.json", args.data_root)
     lines = [f"Student {args.student}, {args.epochs} epochs per run, seeds {args.seeds}; teacher "

@@ -1,6 +1,6 @@
 """Offline (--teacher-cache) vs online logit distillation: how close the cached teacher is, and how much faster.
 
-    python bench/distill_cache.py                                  # shipped teacher, 64 frames at 256, 10 steps
+    python bench/distill_cache.py                                  # lite0-seg teacher, 64 frames at 256, 10 steps
     python bench/distill_cache.py --teacher runs/malunet/best.pt --frames 128 --steps 20
 
 (a) Fidelity: the cache holds the teacher's logits of the un-augmented frame, warped with the frame's
@@ -26,6 +26,7 @@ from edgeseg.contract import InputContract
 from edgeseg.data import Augment, SegDataset, load_decoded, read_split, resolve_data_root
 from edgeseg.distill import Distiller
 from edgeseg.distill.cache import compute_teacher_logits
+from edgeseg.distill.distiller import teacher_for_student
 from edgeseg.losses import SegLoss
 from edgeseg.models import create_model
 from edgeseg.profiling import cpu_model
@@ -81,7 +82,7 @@ def throughput(student_name: str, teacher, batches: list, size: int, steps: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="ultraseg-108k-pranet", help="teacher checkpoint file or shipped name")
+    ap.add_argument("--teacher", default="lite0-seg-pranet", help="teacher checkpoint file or shipped name")
     ap.add_argument("--student", default="ultraseg-108k")
     ap.add_argument("--frames", type=int, default=64, help="PraNet training frames (spread over the split)")
     ap.add_argument("--size", type=int, default=256)
@@ -96,7 +97,9 @@ def main() -> None:
 
     path = resolve_checkpoint(args.teacher)
     teacher, t_contract, _ = load_model(path)
-    contract = InputContract(size=args.size, mean=t_contract.mean, std=t_contract.std)
+    student = create_model(args.student)
+    contract = InputContract(size=args.size, mean=student.mean, std=student.std)  # what training feeds both
+    teacher = teacher_for_student(teacher, t_contract, contract, path.name)
     root = resolve_data_root(args.data_root)
     ids = read_split("pranet-train", root)
     ids = ids[:: max(1, len(ids) // args.frames)][: args.frames]

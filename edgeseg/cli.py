@@ -130,7 +130,8 @@ def train(
 
 @app.command()
 def distill(
-    teacher: Annotated[Path, typer.Option(help="Teacher checkpoint (trained with `edgeseg train`).")],
+    teacher: Annotated[Path, typer.Option(help="Teacher checkpoint: a file or a shipped name (e.g. lite0-seg-pranet) "
+                                               "of the student's input size, any normalisation.")],
     student: Annotated[str, typer.Option(help="Student model name.")] = "microaunet",
     recipe: Annotated[str, typer.Option(help="microaunet-2stage | kdas | feature | logit.")] = "microaunet-2stage",
     stage1_epochs: Annotated[Optional[int], typer.Option(help="2-stage: epochs of stage 1 (default 60%).")] = None,
@@ -165,7 +166,7 @@ def distill(
 
         edgeseg distill --teacher runs/ultraseg/best.pt --student microaunet --out runs/kd
         edgeseg distill --teacher runs/ultraseg/best.pt --recipe kdas --tau 4 --out runs/kdas
-        edgeseg distill --teacher runs/ultraseg/best.pt --recipe logit --teacher-cache runs/teacher-cache --out runs/kd
+        edgeseg distill --teacher lite0-seg-pranet --student ultraseg-108k --recipe logit --teacher-cache runs/tc --out runs/kd
     """
     from edgeseg.config import DistillConfig
     from edgeseg.distill import RECIPES

@@ -412,7 +412,7 @@ def _validate_and_save(cfg, out: Path, model, objective, opt, val_data, contract
         save_atomic(make_checkpoint(eval_model, contract, **extra), out / "best.pt")
     train_state = {"student": model.state_dict(), "optimizer": opt.state_dict(), "objective": objective.extra_state()}
     save_atomic(make_checkpoint(eval_model, contract, train_state=train_state, **extra), out / "last.pt")
-    _log_epoch(out, row)
+    _log_epoch(out, row, distilled=cfg.distill is not None)
     log.info("epoch %d/%d loss %.4f val loss %.4f val mDice %.4f (best %.4f) %.1f img/s", row["epoch"], cfg.epochs,
              row["train_loss"], row["val_loss"], val["mdice"], best, row["img_per_s"])
     return best
@@ -456,7 +456,7 @@ def _write_config(out: Path, cfg: TrainConfig) -> None:
     write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
 
 
-def _log_epoch(out: Path, row: dict) -> None:
+def _log_epoch(out: Path, row: dict, distilled: bool = False) -> None:
     """Rewrite metrics.csv with this epoch's row (one row per epoch: ``epoch``, ``lr`` (the learning rate of
     the epoch's last step), ``train_loss`` (mean over the epoch's steps), ``val_loss`` (the same supervised
     objective on the validation set, see :func:`validate`), the validation metrics and the speed), then
@@ -471,7 +471,7 @@ def _log_epoch(out: Path, row: dict) -> None:
         w = csv.DictWriter(f, fieldnames=list(row), restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    _plot_curves(out, rows)
+    _plot_curves(out, rows, distilled)
     _tensorboard(out, row)
 
 
@@ -490,7 +490,7 @@ def _tensorboard(out: Path, row: dict) -> None:
                 writer.add_scalar(f"{group}/{key.removeprefix('val_')}", value, row["epoch"])
 
 
-def _plot_curves(out: Path, rows: list[dict]) -> None:
+def _plot_curves(out: Path, rows: list[dict], distilled: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,7 +505,9 @@ def _plot_curves(out: Path, rows: list[dict]) -> None:
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
     a.plot(ep, col("train_loss"), marker=marker, label="train")
     a.plot(ep, col("val_loss"), marker=marker, label="validation")
-    a.set(xlabel="epoch", ylabel="loss", title="loss (supervised objective)")
+    # when distilling, the training loss includes the distillation terms; validation has no teacher
+    a.set(xlabel="epoch", ylabel="loss", title="loss (train: task + distillation, validation: task)" if distilled
+          else "loss (supervised objective)")
     a.legend()
     b.plot(ep, col("val_mdice"), marker=marker, label="val mDice")
     b.plot(ep, col("val_miou"), marker=marker, label="val mIoU")
