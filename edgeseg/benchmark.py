@@ -138,11 +138,12 @@ def _artefact_facts(folder: Path, parity: dict) -> dict:
 
 
 def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
-                  runs: int = 200, warmup: int = 20, threads: int | None = None, duration_s: float | None = None,
+                  runs: int | None = None, warmup: int | None = None, threads: int | None = None,
+                  duration_s: float | None = None,
                   pin_core: int | None = None, models: list[str] | None = None,
                   test_splits: list[str] = ()) -> list[dict]:
     """Benchmark ``checkpoint`` (or each of ``models``) on ``targets`` (None: all), scoring every artefact on
-    ``test_splits`` too. Returns the rows; writes the table and plots. Every option, model, split and the
+    ``test_splits`` too; ``runs``, ``warmup`` and ``threads`` default to each target's ``[profile]``. Returns the rows; writes the table and plots. Every option, model, split and the
     output folder are checked before the first export."""
     from edgeseg.checkpoint import resolve_checkpoint
     from edgeseg.data import read_split, resolve_data_root

@@ -505,8 +505,8 @@ def benchmark(
     targets: Annotated[str, typer.Option(help="Comma-separated target ids, or all.")] = "all",
     out: Annotated[Path, typer.Option(help="Folder for artefacts, benchmark.md/csv/json and plots.")] = Path("benchmark"),
     calib: Annotated[Optional[Path], typer.Option(help="Calibration manifest for int8 (default: the shipped one).")] = None,
-    runs: Annotated[int, typer.Option(help="Timed runs per artefact.")] = 200,
-    warmup: Annotated[int, typer.Option(help="Warm-up runs per artefact.")] = 20,
+    runs: Annotated[Optional[int], typer.Option(help="Timed runs per artefact (default: each target's).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs per artefact (default: each target's).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: each target's).")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Time each artefact for this many seconds instead "
                                                       "of --runs.")] = None,
