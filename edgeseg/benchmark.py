@@ -305,10 +305,11 @@ def _pareto_plot(plt, timed: list[dict], path: Path, title: str, ylabel: str, la
     for i, r in enumerate(timed):
         ax.errorbar(r["p50_ms"], r["mdice"], xerr=[[0.0], [max(_p90(r) - r["p50_ms"], 0.0)]], fmt="o", ms=6,
                     capsize=3)
-        ax.annotate(label(r), (r["p50_ms"], r["mdice"]), fontsize=8,
-                    xytext=(4, 4 if i % 2 == 0 else -12), textcoords="offset points")  # near-ties stay legible
+        ax.annotate(label(r), (r["p50_ms"], r["mdice"]), fontsize=8, textcoords="offset points",
+                    xytext=((4, 5), (4, -12), (4, 14), (4, -21))[i % 4])  # near-ties stay legible
     front = pareto_front(timed)
-    ax.plot([r["p50_ms"] for r in front], [r["mdice"] for r in front], "k--", lw=1,
+    # the front's points ringed, so that a front of one point shows too
+    ax.plot([r["p50_ms"] for r in front], [r["mdice"] for r in front], "k--", lw=1, marker="o", ms=13, mfc="none",
             label=f"Pareto front (ties: mDice < {DICE_TIE:g}, p50 < max(2 %, p90-p50))")
     ax.set(xlabel="p50 latency (ms); bar to p90", ylabel=ylabel, title=title)
     p50s, dices = [r["p50_ms"] for r in timed], [r["mdice"] for r in timed]
