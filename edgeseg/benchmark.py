@@ -139,12 +139,12 @@ def _artefact_facts(folder: Path, parity: dict) -> dict:
 
 def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=None, calib=None,
                   runs: int | None = None, warmup: int | None = None, threads: int | None = None,
-                  duration_s: float | None = None,
-                  pin_core: int | None = None, models: list[str] | None = None,
+                  duration_s: float | None = None, pin_core: int | None = None, models: list[str] | None = None,
                   test_splits: list[str] = ()) -> list[dict]:
     """Benchmark ``checkpoint`` (or each of ``models``) on ``targets`` (None: all), scoring every artefact on
-    ``test_splits`` too; ``runs``, ``warmup`` and ``threads`` default to each target's ``[profile]``. Returns the rows; writes the table and plots. Every option, model, split and the
-    output folder are checked before the first export."""
+    ``test_splits`` too; ``runs``, ``warmup`` and ``threads`` default to each target's ``[profile]``. Returns
+    the rows; writes the table and plots. Every option, model, split and the output folder are checked before
+    the first export."""
     from edgeseg.checkpoint import resolve_checkpoint
     from edgeseg.data import read_split, resolve_data_root
     from edgeseg.fileio import file_sha256
@@ -157,7 +157,7 @@ def run_benchmark(checkpoint, targets: list[str] | None, out: Path, data_root=No
     out = check_output(out, "folder", what="the benchmark folder")
     chosen = list_targets() if not targets or targets == ["all"] else [get_target(t) for t in targets]
     refs = list(models) if models else [checkpoint]
-    names = model_names([r for r in refs if r is not None]) if models else [None]
+    names = model_names(refs) if models else [None]  # one model: its artefacts straight under ``out``
     shas = []
     for ref in refs:
         path = resolve_checkpoint(ref)
