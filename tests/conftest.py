@@ -75,6 +75,18 @@ def tiny_split(data_root, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of tiny tensors: OpenMP fan-out costs more than it saves, and on a
+    busy 2-core machine the spinning worker threads stall each forward pass for seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run ``edgeseg ARGS...`` in-process through ``main()``; returns (exit code, stdout, stderr)."""

@@ -20,12 +20,7 @@ CASES = [(name, {}) for name in list_models()] + [
     ("ultraseg-108k", {"num_classes": 2}), ("ultraseg-130k", {"num_classes": 2})]  # the authors' 2-logit head
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @torch.no_grad()

@@ -22,14 +22,7 @@ REL_TOL_MACS = 0.03
 REL_TOL_UNET_PARAMS = 0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: OpenMP fan-out costs more than it saves, and on a busy 2-core machine the
-    # spinning worker threads stall each forward pass for seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(name: str, seed: int = 0, released: bool = False):
