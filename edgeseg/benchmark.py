@@ -60,13 +60,14 @@ def _reusable(folder: Path, checkpoint_sha: str) -> bool:
 def model_names(refs: list[str]) -> list[str]:
     """The name each model is shown and filed under: a shipped checkpoint's name, else the file's stem, or its
     folder's name for a training run's best.pt / last.pt. Two models with one name are refused."""
-    from edgeseg.checkpoint import shipped_weights
+    from edgeseg.checkpoint import resolve_checkpoint, shipped_weights
 
     names = []
     for ref in refs:
         path = Path(ref)
-        names.append(str(ref) if str(ref) in shipped_weights() and not path.exists()
-                     else path.parent.name if path.stem in ("best", "last") and path.parent.name else path.stem)
+        shipped = resolve_checkpoint(ref) == shipped_weights().get(str(ref))
+        names.append(str(ref) if shipped else path.parent.name if path.stem in ("best", "last") and path.parent.name
+                     else path.stem)
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None or any(not n or n.startswith(".") for n in names):
         raise EdgesegError(f"--models names two models {dup!r} (or one without a usable name): give each model a "
@@ -77,14 +78,10 @@ def model_names(refs: list[str]) -> list[str]:
 def test_scores(folder: Path, splits: list[str], root: Path) -> dict[str, float]:
     """mDice (network resolution, per image) of the artefact in ``folder`` on each split, run by its own
     runtime on the device its parity gate used."""
-    from edgeseg.contract import InputContract
     from edgeseg.data import read_split
-    from edgeseg.evaluate import evaluate_split
-    from edgeseg.export import make_runner, read_config
+    from edgeseg.evaluate import artefact_runner, evaluate_split
 
-    config = read_config(folder)
-    runner = make_runner(folder, config, device=config["backend_config"].get("parity_device"))
-    contract = InputContract.from_dict(config["input_contract"])
+    _, _, runner, contract = artefact_runner(folder)
     return {s: evaluate_split(runner, contract, root, read_split(s, root), native=False)["mdice"] for s in splits}
 
 

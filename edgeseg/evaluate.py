@@ -128,6 +128,16 @@ def write_json_atomic(obj: dict, path: Path) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
 
 
+def artefact_runner(path: Path) -> tuple[Path, dict, LogitsFn, InputContract]:
+    """(folder, config, runner, input contract) of the artefact at ``path`` (its folder or a file in it), the
+    runner on the device its parity gate used (this machine's check of a GPU target)."""
+    from edgeseg.export import make_runner, open_artefact
+
+    folder, config = open_artefact(path)
+    runner = make_runner(folder, config, device=config["backend_config"].get("parity_device"))
+    return folder, config, runner, InputContract.from_dict(config["input_contract"])
+
+
 def evaluate_artefact(folder: Path, root: Path, ids: list[str], reference: Path | None = None,
                       overlays: Path | None = None) -> dict:
     """Score an exported artefact with its own runtime, on the device its parity gate used (this machine's
@@ -138,10 +148,9 @@ def evaluate_artefact(folder: Path, root: Path, ids: list[str], reference: Path 
     checkpoint it was exported from, if it was.
     """
     from edgeseg.checkpoint import load_model, resolve_checkpoint, shipped_weights
-    from edgeseg.export import make_runner, open_artefact
     from edgeseg.fileio import file_sha256
 
-    folder, config = open_artefact(folder)
+    folder, config, runner, contract = artefact_runner(folder)
     recorded = config["checkpoint"]["sha256"]
     reference = None if reference is None else resolve_checkpoint(reference)
     if reference is not None and reference.is_file() and file_sha256(reference) != recorded:
@@ -149,8 +158,6 @@ def evaluate_artefact(folder: Path, root: Path, ids: list[str], reference: Path 
                            f"{recorded[:16]}... in its config.json)")
     if reference is None:
         reference = next((p for p in shipped_weights().values() if file_sha256(p) == recorded), None)
-    contract = InputContract.from_dict(config["input_contract"])
-    runner = make_runner(folder, config, device=config["backend_config"].get("parity_device"))
     result = evaluate_split(runner, contract, root, ids, overlays=overlays)
     result["model"] = config["model"]
     result["artefact"] = {"folder": str(folder), "target": config["target"], "precision": config["precision"],
