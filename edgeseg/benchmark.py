@@ -27,6 +27,7 @@ from pathlib import Path
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import failure
 from edgeseg.fileio import atomic_path, check_output, make_folder, write_atomic
+from edgeseg.tolerances import DICE_TIE
 
 COLUMNS = ["target", "precision", "status", "size_kb", "mdice", "delta", "worst_image_drop", "p50_ms", "p99_ms",
            "fps", "threads", "runtime"]
@@ -211,7 +212,6 @@ def write_table(rows: list[dict], out: Path, test_splits: list[str] = ()) -> Non
     write_atomic(out / "benchmark.csv", table.getvalue())
 
 
-DICE_TIE = 1e-3  # mDice differences below this are ties (the parity frames cannot resolve them)
 LATENCY_TIE_FRACTION = 0.02  # p50 differences below 2 % ...
 # ... or below the slower-spread row's p90 - p50 are ties too: run-to-run noise, not a real difference.
 

@@ -24,7 +24,7 @@ strict schemas and against each other. Without ``--pubkey`` a bundle is checked 
 re-hash a manifest); with it, an unsigned or wrongly signed bundle is refused.
 
 Keys are PEM files: the private key PKCS#8 (unencrypted, written 0600), the public key SubjectPublicKeyInfo;
-``keygen`` never overwrites a key. The self-test tolerance is :data:`TOLERANCE` of the bundle's precision; the
+``keygen`` never overwrites a key. The self-test tolerance is :data:`edgeseg.tolerances.SELFTEST` of the bundle's precision; the
 manifest's tolerance can only tighten it.
 """
 
@@ -54,6 +54,7 @@ from edgeseg import __version__
 from edgeseg.errors import EdgesegError
 from edgeseg.export.parity import failure, passed
 from edgeseg.fileio import atomic_path, check_output, current_umask, default_file_mode, make_folder, write_atomic
+from edgeseg.tolerances import SELFTEST, OutputCheck
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION = "edgeseg-bundle", 1
@@ -61,9 +62,6 @@ SIGNATURE_FORMAT = "edgeseg-bundle-signature"
 SIGNATURE_CONTEXT = b"edgeseg-bundle-signature-v1\0"  # signed: this prefix + the manifest bytes
 GOLDEN_INPUT, GOLDEN_OUTPUT = "golden/input.png", "golden/logits.npy"
 RESERVED = (MANIFEST, SIGNATURE, "config.json", "parity.json", GOLDEN_INPUT, GOLDEN_OUTPUT)
-# Self-test tolerances per precision: max |logit difference| (None: not checked) and minimum mask agreement.
-# int8 kernels may round differently on another CPU, so int8 is judged on the mask only.
-TOLERANCE = {"fp32": (1e-3, 0.999), "fp16": (5e-2, 0.999), "int8": (None, 0.995)}
 MAX_BYTES = 1 << 30      # largest bundle, compressed or not: refuses decompression bombs
 MAX_MEMBERS = 1000
 _BLOCK = 512
@@ -207,7 +205,7 @@ _MANIFEST_SCHEMA = {
     "format": (lambda v: v == BUNDLE_FORMAT, f"the string {BUNDLE_FORMAT!r}"),
     "format_version": (lambda v: type(v) is int and v == BUNDLE_FORMAT_VERSION, f"{BUNDLE_FORMAT_VERSION}"),
     "target": (_is_str, "a target id"),
-    "precision": (lambda v: v in TOLERANCE, " | ".join(TOLERANCE)),
+    "precision": (lambda v: v in SELFTEST, " | ".join(SELFTEST)),
     "model": (_is_str, "a model name"),
     "artefact": (_is_name, "a file name"),
     "runtime_versions": (_is_versions, "an object of package -> version"),
@@ -227,7 +225,7 @@ _GOLDEN_SCHEMA = {
 _PARITY_SCHEMA = {  # the keys the gate decision needs; parity.json has more
     "delta": (_is_num, "a number"),
     "budget": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "precision": (lambda v: v in TOLERANCE, " | ".join(TOLERANCE)),
+    "precision": (lambda v: v in SELFTEST, " | ".join(SELFTEST)),
     "target": (_is_str, "a target id"),
     "ids": (lambda v: isinstance(v, list) and all(_is_str(i) for i in v), "a list of frame ids"),
     "worst_image_drop": (_is_num, "a number"),
@@ -404,7 +402,7 @@ def make_bundle(artefact: str | os.PathLike, out: str | os.PathLike, golden_rgb:
         "artefact": config["artefact"], "runtime_versions": config.get("runtime_versions", {}),
         "calibration": config.get("calibration"), "checkpoint_sha256": config["checkpoint"]["sha256"],
         "edgeseg_version": __version__, "golden": {"input": GOLDEN_INPUT, "output": GOLDEN_OUTPUT,
-                                                   "tolerance": list(TOLERANCE[config["precision"]])},
+                                                   "tolerance": _tolerance(SELFTEST[config["precision"]])},
         "files": {name: _sha256(data) for name, data in sorted(files.items())},
     }
     check_manifest(manifest, f"the manifest for {folder}")
@@ -643,10 +641,15 @@ def unpack(files: dict[str, bytes], dest: Path) -> Path:
     return Path(dest)
 
 
+def _tolerance(check: OutputCheck) -> list:
+    """An :class:`~edgeseg.tolerances.OutputCheck` as the manifest's [max |logit diff|, min mask agreement]."""
+    return [check.max_abs_logit_diff, check.min_mask_agreement]
+
+
 def effective_tolerance(precision: str, manifest_tolerance) -> tuple[float | None, float]:
-    """The self-test tolerance: the code's :data:`TOLERANCE` for ``precision``, tightened (never loosened) by
-    the manifest's [max |logit diff|, min mask agreement]."""
-    code_diff, code_agree = TOLERANCE[precision]
+    """The self-test tolerance: :data:`edgeseg.tolerances.SELFTEST` for ``precision``, tightened (never loosened)
+    by the manifest's [max |logit diff|, min mask agreement]."""
+    code_diff, code_agree = _tolerance(SELFTEST[precision])
     m_diff, m_agree = manifest_tolerance
     if m_diff is None:
         max_diff = code_diff

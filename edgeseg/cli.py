@@ -673,6 +673,13 @@ def calib_make(
     typer.echo(f"{len(manifest['images'])} images from {split} -> {write_manifest(manifest, out)}")
 
 
+def _by_precision(field: str) -> str:
+    """The parity table's default of ``field`` per precision, for option help: "fp32 0.001, fp16 0.003, ..."."""
+    from edgeseg.tolerances import PARITY
+
+    return ", ".join(f"{p} {getattr(b, field):g}" for p, b in PARITY.items())
+
+
 @app.command("export")
 def export_artefact(
     checkpoint: CkptArg = None,
@@ -685,10 +692,10 @@ def export_artefact(
                                                         "100 validation frames, else 100 carved from "
                                                         "pranet-train, seed 42).")] = None,
     max_image_drop: Annotated[Optional[float], typer.Option(help="Parity budget on the worst single frame's "
-                                                            "Dice loss (default by precision: fp32 0.02, fp16 "
-                                                            "0.05, int8 0.25).")] = None,
+                                                            f"Dice loss (default by precision: "
+                                                            f"{_by_precision('max_image_drop')}).")] = None,
     max_delta: Annotated[Optional[float], typer.Option(help="Parity budget on mDice (default by precision: "
-                                                       "fp32 0.001, fp16 0.003, int8 0.005).")] = None,
+                                                       f"{_by_precision('max_delta')}).")] = None,
     out: Annotated[Path, typer.Option(help="Artefact folder to write.")] = ...,
     data_root: DataRootOpt = None,
 ):

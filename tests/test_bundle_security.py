@@ -349,11 +349,13 @@ def test_loosened_tolerance_cannot_hide_a_changed_output(cli, unsigned, tmp_path
 
 
 def test_manifest_tolerance_only_tightens():
-    from edgeseg.bundle import TOLERANCE, effective_tolerance
+    from edgeseg.bundle import effective_tolerance
+    from edgeseg.tolerances import SELFTEST
 
-    assert effective_tolerance("fp32", [1e9, 0]) == TOLERANCE["fp32"]
+    fp32 = SELFTEST["fp32"]
+    assert effective_tolerance("fp32", [1e9, 0]) == (fp32.max_abs_logit_diff, fp32.min_mask_agreement)
     assert effective_tolerance("fp32", [1e-6, 1.0]) == (1e-6, 1.0)
-    assert effective_tolerance("int8", [None, 0.0]) == TOLERANCE["int8"]
+    assert effective_tolerance("int8", [None, 0.0]) == (None, SELFTEST["int8"].min_mask_agreement)
     assert effective_tolerance("int8", [0.5, 0.999]) == (0.5, 0.999)
 
 

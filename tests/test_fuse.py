@@ -1,6 +1,6 @@
 """Inference forms: every registered model, fused (edgeseg.models.fuse), computes what it computes eagerly,
 with no BatchNorm, GSB gate computation or other fusable block left; and the one export preparation that
-every backend uses (edgeseg.export._prepare.prepare) wraps, checks and reports it."""
+every backend uses (edgeseg.export.prepare.prepare) wraps, checks and reports it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgeseg.export._prepare import LogitsOnly, prepare
+from edgeseg.export.prepare import LogitsOnly, prepare
 from edgeseg.models import create_model, fuse_model, list_models
 from edgeseg.models.fuse import fold_bn_into_following_conv, fold_bn_into_preceding_conv
+from edgeseg.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
 # MicroAUNet's reflect-padded 7x7 bridge conv needs H/32 >= 4; everything else runs at 64 px.
 SIDE = {"microaunet": 128, "microaunet-84k": 128}
@@ -55,7 +56,7 @@ def test_fused_model_is_the_eager_model(case):
     # float64: the same maths to rounding. float32: rounding of the folded weights through the whole net,
     # relative to the largest logit (random weights give logits in the hundreds); largest seen 1.4e-5
     # (ultraseg-108k-bn, 14 folded BatchNorms with random statistics)
-    for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 3e-5)):
+    for dtype, rtol in ((torch.float64, FLOAT64_RTOL), (torch.float32, FLOAT32_RTOL)):
         eager = copy.deepcopy(model).to(dtype)
         with torch.no_grad():
             ref = eager(x.to(dtype))

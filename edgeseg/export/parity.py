@@ -4,7 +4,8 @@ Reported (``parity.json``): ``mdice_ref`` and ``mdice`` (mean per-image Dice at 
 ``edgeseg evaluate`` computes it), ``delta`` = mdice_ref - mdice, ``worst_image_drop`` (largest per-image
 Dice loss), ``pixel_agreement`` (fraction of pixels whose mask, logit > 0, matches PyTorch's) and
 ``max_abs_logit_diff``. The export is rejected when ``delta`` exceeds the precision's budget, or when one
-frame loses more than the precision's ``image_budget`` (a polyp lost on one frame while the mean holds).
+frame loses more than the precision's ``image_budget`` (a polyp lost on one frame while the mean holds); both
+default to :data:`edgeseg.tolerances.PARITY`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.errors import EdgesegError
+from edgeseg.tolerances import PARITY
 
-# Largest allowed mDice loss of an artefact against PyTorch, by precision (override with --max-delta).
-MAX_DELTA = {"fp32": 0.001, "fp16": 0.003, "int8": 0.005}
-# Largest allowed Dice loss on any single frame, by precision (override with --max-image-drop). A boundary that
-# moves by a pixel or two on a small polyp costs int8 up to ~0.1 on that frame (measured on the shipped models);
-# a frame whose polyp is lost or doubled costs far more.
-MAX_IMAGE_DROP = {"fp32": 0.02, "fp16": 0.05, "int8": 0.25}
 # Default parity split: the first frames of the validation set that training carves from pranet-train.
 DEFAULT_SPLIT, DEFAULT_VAL_FRACTION, DEFAULT_SEED, DEFAULT_N = "pranet-train", 0.1, 42, 100
 FEW_FRAMES = 50  # parity on fewer frames is recorded as such: a 0.001 budget means little on 4 images
@@ -133,11 +129,11 @@ def measure(ref_logits: np.ndarray, logits: np.ndarray, masks: np.ndarray) -> di
 
 
 def budget(precision: str, max_delta: float | None) -> float:
-    return MAX_DELTA[precision] if max_delta is None else float(max_delta)
+    return PARITY[precision].max_delta if max_delta is None else float(max_delta)
 
 
 def image_budget(precision: str, max_image_drop: float | None) -> float:
-    return MAX_IMAGE_DROP[precision] if max_image_drop is None else float(max_image_drop)
+    return PARITY[precision].max_image_drop if max_image_drop is None else float(max_image_drop)
 
 
 def passed(p: dict) -> bool:

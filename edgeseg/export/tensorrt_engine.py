@@ -24,12 +24,14 @@ import platform
 import shutil
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from edgeseg.errors import EdgesegError
 from edgeseg.fileio import file_sha256, write_atomic
+from edgeseg.tolerances import GOLDEN
 
 INPUT, OUTPUT = "input", "logits"
 ENGINE, SIDECAR = "model.engine", "model.engine.json"
@@ -40,15 +42,6 @@ NO_TENSORRT = ("TensorRT is not installed here (`import tensorrt` failed): build
                "where JetPack provides it (sudo apt install python3-libnvinfer; in a venv use "
                "--system-site-packages)")
 
-# Device golden check (TensorRT engine vs golden_output.npy from ONNX Runtime on the export CPU): the largest
-# |logit difference| (None: not checked) and the smallest fraction of pixels whose mask (logit > 0) agrees.
-# Chosen from CPU runtime comparisons on the authors' UltraSeg-130K (|logits| up to ~25): OpenVINO f16 vs ONNX
-# Runtime differs by up to ~0.2 with mask agreement > 0.9997 per frame. Not measured on a Jetson.
-GOLDEN_TOLERANCE = {
-    "fp32": {"max_abs_logit_diff": 0.05, "min_mask_agreement": 0.999},
-    "fp16": {"max_abs_logit_diff": 1.0, "min_mask_agreement": 0.995},
-    "int8": {"max_abs_logit_diff": None, "min_mask_agreement": 0.98},  # int8 kernels round differently
-}
 # BuilderFlag names per precision. int8 sets only INT8: the float parts the quantizer left (norms, gating) stay
 # fp32, the numerics the CPU parity check measured.
 BUILDER_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}
@@ -231,7 +224,7 @@ def build_engine(artefact: str | os.PathLike, timing_cache: str | os.PathLike | 
 
 
 def golden_check(runner, folder: Path, precision: str) -> dict:
-    """Run golden_input.npy and compare with golden_output.npy at GOLDEN_TOLERANCE[precision]."""
+    """Run golden_input.npy and compare with golden_output.npy within :data:`edgeseg.tolerances.GOLDEN`."""
     try:
         x, want = np.load(folder / GOLDEN_INPUT), np.load(folder / GOLDEN_OUTPUT)
     except OSError:
@@ -239,12 +232,11 @@ def golden_check(runner, folder: Path, precision: str) -> dict:
     got = np.asarray(runner(x), np.float32)
     if got.shape != want.shape:
         raise EdgesegError(f"engine output shape {got.shape} != golden output shape {want.shape}")
-    tol = GOLDEN_TOLERANCE[precision]
+    tol = GOLDEN[precision]
     diff = float(np.abs(got - want).max())
     agreement = float(((got > 0) == (want > 0)).mean())
-    passed = agreement >= tol["min_mask_agreement"] and (
-        tol["max_abs_logit_diff"] is None or diff <= tol["max_abs_logit_diff"])
-    return {"passed": bool(passed), "max_abs_logit_diff": diff, "mask_agreement": agreement, "tolerance": tol}
+    passed = agreement >= tol.min_mask_agreement and (tol.max_abs_logit_diff is None or diff <= tol.max_abs_logit_diff)
+    return {"passed": bool(passed), "max_abs_logit_diff": diff, "mask_agreement": agreement, "tolerance": asdict(tol)}
 
 
 def engine_runner(folder: Path, config: dict, trt=None, cudart=None):
