@@ -27,7 +27,7 @@ from edgeseg.benchmark import DEFAULT_CALIB, benchmark_row
 from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic, shipped_weights
 from edgeseg.contract import InputContract
 from edgeseg.errors import EdgesegError
-from edgeseg.export._prepare import LogitsOnly, prepare
+from edgeseg.export.prepare import LogitsOnly, prepare
 from edgeseg.export.onnx import torch_to_onnx
 from edgeseg.profiling import pin_to_core, time_runner
 from edgeseg.targets import get_target, list_targets

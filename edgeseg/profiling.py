@@ -200,8 +200,8 @@ def profile_artefact(path: str | os.PathLike, threads: int | None = None, pin_co
     runner = make_runner(folder, config, device=device, threads=threads)
     load_ms = (time.perf_counter() - t0) * 1000
     if getattr(runner, "effective", {}).get("f16") == "emulated":
-        raise EdgesegError(f"{folder} runs in f16, which this CPU only emulates (for the parity check); its "
-                           "latency would say nothing about the device: profile it on the device")
+        raise EdgesegError(f"{folder} runs in f16, which edgeseg only emulates on a CPU (for the parity check); "
+                           "its latency would say nothing about the device: profile it on the device")
     rgb = np.random.default_rng(0).integers(0, 256, (contract.size, contract.size, 3), dtype=np.uint8)
     x = contract.preprocess(rgb)
     timing = time_runner(lambda: runner(x), warmup, runs, duration_s)

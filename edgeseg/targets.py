@@ -24,7 +24,7 @@ __all__ = ["PRECISIONS", "Runtime", "Profile", "Target", "targets_dir", "list_ta
 PRECISIONS = ("fp32", "fp16", "int8")
 DEVICES = ("cpu", "gpu", "npu")
 _REQUIRED = ("id", "description", "backend", "device", "precision", "precisions", "artefact", "runtime", "profile")
-_OPTIONAL = ("via", "compile")
+_OPTIONAL = ("compile",)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class Target:
     artefact: str             # file name of the model inside the artefact folder
     runtime: Runtime
     profile: Profile
-    via: str | None = None    # id of the target whose artefact this one consumes (tensorrt-jetson <- onnx)
     compile: Mapping = field(default_factory=lambda: MappingProxyType({}))  # backend compile properties
 
     def needs_calibration(self, precision: str) -> bool:
@@ -113,7 +112,7 @@ def _parse(path: Path) -> Target:
         precision=raw["precision"], precisions=precisions, artefact=raw["artefact"],
         runtime=Runtime(extra=rt["extra"], packages=tuple(rt["packages"]), install=rt["install"],
                         device_install=rt["device_install"]),
-        profile=Profile(**raw["profile"]), via=raw.get("via"), compile=_frozen(raw.get("compile", {})),
+        profile=Profile(**raw["profile"]), compile=_frozen(raw.get("compile", {})),
     )
 
 
@@ -121,12 +120,7 @@ def _parse(path: Path) -> Target:
 def _load(folder: Path) -> tuple[Target, ...]:
     if not folder.is_dir():
         raise EdgesegError(f"target registry folder {folder} is missing; edgeseg needs its targets/*.toml")
-    targets = tuple(_parse(p) for p in sorted(folder.glob("*.toml")))
-    ids = {t.id for t in targets}
-    for t in targets:
-        if t.via is not None and t.via not in ids:
-            raise EdgesegError(f"target {t.id!r} is built via unknown target {t.via!r}")
-    return targets
+    return tuple(_parse(p) for p in sorted(folder.glob("*.toml")))
 
 
 def list_targets() -> tuple[Target, ...]:

@@ -3,6 +3,7 @@ metadata, the parity gate's rejection path and the export CLI's bad-input errors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -13,11 +14,14 @@ from torch import nn
 
 from edgeseg.checkpoint import load_model, make_checkpoint, save_atomic
 from edgeseg.contract import InputContract
-from edgeseg.export._prepare import prepare
-from edgeseg.export.parity import MAX_DELTA, dice_per_image, load_frames
+from edgeseg.export.parity import dice_per_image, load_frames
+from edgeseg.export.prepare import prepare
 from edgeseg.metrics import dice
 from edgeseg.models import create_model
+from edgeseg.tolerances import PARITY
 from _helpers import one_line_error
+
+pytestmark = pytest.mark.onnx
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxslim")
@@ -96,7 +100,7 @@ def test_onnx_export_parity_and_metadata(cli, authors_ckpt, data_root, parity16,
     assert config["checkpoint"]["sha256"] == file_sha256(authors_ckpt)
     assert config["input_contract"] == InputContract(size=256).to_dict() and config["calibration"] is None
     assert config["runtime_versions"]["onnxruntime"] and config["runtime_versions"]["torch"].startswith("2.13")
-    assert parity["n_images"] == 16 and parity["budget"] == MAX_DELTA["fp32"] == 0.001
+    assert parity["n_images"] == 16 and parity["budget"] == PARITY["fp32"].max_delta == 0.001
     assert abs(parity["delta"]) <= 0.001 and parity["pixel_agreement"] > 0.9999
     assert parity["max_abs_logit_diff"] < 0.05 and 0.5 < parity["mdice_ref"] <= 1.0
 
@@ -128,7 +132,8 @@ def test_over_budget_is_kept_as_rejected_with_exit_3(cli, authors_ckpt, data_roo
                                                       monkeypatch):
     import edgeseg.export.parity as parity_mod
 
-    monkeypatch.setitem(parity_mod.MAX_DELTA, "fp32", -1.0)  # an impossible budget: better than PyTorch by 1
+    impossible = dataclasses.replace(PARITY["fp32"], max_delta=-1.0)  # better than PyTorch by 1
+    monkeypatch.setattr(parity_mod, "PARITY", {**PARITY, "fp32": impossible})
     out = tmp_path / "art"
     code, stdout, err = cli("export", authors_ckpt, "--target", "onnx", "--parity-split", parity16,
                             "--data-root", data_root, "--out", out)
@@ -139,6 +144,7 @@ def test_over_budget_is_kept_as_rejected_with_exit_3(cli, authors_ckpt, data_roo
     assert (rejected / "model.onnx").is_file() and json.loads((rejected / "parity.json").read_text())["budget"] == -1
 
 
+@pytest.mark.slow
 def test_one_frame_over_the_image_budget_is_rejected(cli, data_root, tmp_path):
     """The mean may hold while one frame collapses: the worst single-frame Dice loss has its own budget (here
     the shipped model's 100 parity frames, on which fp32 ONNX Runtime moves a few boundary pixels)."""

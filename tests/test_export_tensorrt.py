@@ -9,14 +9,15 @@ import contextlib
 import io
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgeseg.errors import EdgesegError
-from edgeseg.export.parity import MAX_DELTA
 from edgeseg.fileio import file_sha256
+from edgeseg.tolerances import GOLDEN, PARITY
 from _helpers import check_f16_runtime, one_line_error, run_main
 
 onnx = pytest.importorskip("onnx")
@@ -26,6 +27,8 @@ for _pkg in ("onnxslim", "nncf", "polygraphy", "onnx_graphsurgeon", "openvino"):
 
 from edgeseg.export import tensorrt as trt_backend  # noqa: E402  (after the skips: it needs nothing, but its tests do)
 from edgeseg.export import tensorrt_engine as trt_engine  # noqa: E402
+
+pytestmark = pytest.mark.tensorrt
 
 
 def _run_cli(*args) -> tuple[int, str, str]:
@@ -68,7 +71,7 @@ def _check_common(folder: Path, precision: str, min_agreement: float) -> tuple[d
     assert config["model_files"] == ["golden_input.npy", "golden_output.npy", "model.onnx"]
     # parity: over the precision's budget would have been rejected; pixel agreement on top
     assert parity["n_images"] == 16 and parity["precision"] == precision
-    assert parity["budget"] == MAX_DELTA[precision] and parity["delta"] <= parity["budget"]
+    assert parity["budget"] == PARITY[precision].max_delta and parity["delta"] <= parity["budget"]
     assert parity["pixel_agreement"] >= min_agreement, parity
     assert parity["runtime"]["device"] == "CPU" and "not TensorRT" in parity["runtime"]["checks"]
     backend = config["backend_config"]
@@ -87,7 +90,7 @@ def _check_common(folder: Path, precision: str, min_agreement: float) -> tuple[d
         ("input", onnx.TensorProto.FLOAT), ("logits", onnx.TensorProto.FLOAT)]
     # the golden pair: a real parity frame, and ONNX Runtime reproduces its output
     golden = backend["golden"]
-    assert golden["frame"] == parity["ids"][0] and golden["tolerance"] == trt_engine.GOLDEN_TOLERANCE[precision]
+    assert golden["frame"] == parity["ids"][0] and golden["tolerance"] == asdict(GOLDEN[precision])
     x, y = np.load(folder / "golden_input.npy"), np.load(folder / "golden_output.npy")
     assert x.shape == (1, 3, 256, 256) and x.dtype == np.float32 and y.shape == (1, 1, 256, 256)
     opts = ort.SessionOptions()
@@ -98,6 +101,7 @@ def _check_common(folder: Path, precision: str, min_agreement: float) -> tuple[d
     return config, parity, model
 
 
+@pytest.mark.slow
 def test_fp16_onnx_checked_on_openvino_at_f16(exported):
     folder = exported("fp16")
     config, parity, model = _check_common(folder, "fp16", 0.999)
@@ -107,12 +111,13 @@ def test_fp16_onnx_checked_on_openvino_at_f16(exported):
     assert sum(k == onnx.TensorProto.FLOAT16 for k in kinds.values()) > 100
     resize_inputs = {x for n in model.graph.node if n.op_type == "Resize" for x in n.input[1:3]}
     assert fp32 and fp32 <= resize_inputs
-    # parity ran in f16 on OpenVINO's CPU plugin (native or the exact emulation), never in bf16
+    # parity ran in f16 on OpenVINO's CPU plugin (the exact emulation), never in bf16
     check_f16_runtime(parity["runtime"])
     assert config["backend_config"]["engine"]["builder_flags"] == ["FP16"]
     assert "openvino" in config["runtime_versions"] and "polygraphy" in config["runtime_versions"]
 
 
+@pytest.mark.slow
 def test_int8_is_a_qdq_graph_with_int8_zero_points(exported, calib32):
     folder = exported("int8")
     config, parity, model = _check_common(folder, "int8", 0.99)
@@ -148,7 +153,7 @@ def test_fp32_is_the_intermediate(exported):
 # --- the engine side, without TensorRT -----------------------------------------------------------------------
 
 def test_build_engine_without_tensorrt_is_a_one_line_error(cli, exported, monkeypatch, tmp_path):
-    folder = exported("fp16")
+    folder = exported("fp32")  # the engine side is the same for every precision
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on this machine, even if a stub gets installed
     one_line_error(*cli("build-engine", folder)[::2], "TensorRT is not installed", "python3-libnvinfer",
                    "on the Jetson")
@@ -163,7 +168,7 @@ def test_engine_side_needs_no_export_stack(exported):
     import torch, onnx, ONNX Runtime, OpenVINO or Polygraphy (here they fail on the missing TensorRT instead)."""
     import subprocess
 
-    folder = exported("fp16")
+    folder = exported("fp32")
     blocked = ["torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "polygraphy", "tensorrt"]
     code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
             "from edgeseg.export import load_runner\nfrom edgeseg.export.tensorrt_engine import build_engine\n"
@@ -180,7 +185,7 @@ def test_engine_runner_refuses_a_mismatched_sidecar(cli, exported, monkeypatch, 
     """The runner's checks before TensorRT deserializes anything, with fake TensorRT/CUDA handles."""
     import shutil
 
-    work = shutil.copytree(exported("fp16"), tmp_path / "art")
+    work = shutil.copytree(exported("fp32"), tmp_path / "art")
     (work / "model.engine").write_bytes(b"not a real plan")
     running = {"tensorrt": "10.3.0", "compute_capability": "8.7", "gpu": "Orin", "cuda_runtime": "12.6"}
     monkeypatch.setattr(trt_engine, "_import_tensorrt", lambda: object())

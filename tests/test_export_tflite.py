@@ -20,8 +20,14 @@ from edgeseg.contract import InputContract
 from edgeseg.data.io import read_pair
 from edgeseg.data.splits import image_path, mask_path, read_split
 from edgeseg.export._tflite_rewrites import group_scales, prepare_for_tflite
+from edgeseg.targets import get_target
+from edgeseg.tolerances import FLOAT64_RTOL, RUNTIME_F32
+from _helpers import one_line_error
+
+pytestmark = pytest.mark.tflite
 
 REPO = Path(__file__).resolve().parents[1]
+RPI = get_target("tflite-rpi")
 
 if not sys.platform.startswith("linux"):
     pytest.skip("ai-edge-litert / litert-torch wheels used here exist for Linux only", allow_module_level=True)
@@ -101,7 +107,7 @@ def test_rewrite_is_the_same_maths(tfl, authors, real_frames, name):
         for scales in (None, group_scales(m64, real_frames["calib"][:8])):
             prepared, report = prepare_for_tflite(m64, 256, scales, x)
             diff = float((prepared(x) - ref).abs().max())
-            assert diff <= 1e-9 * max(1.0, float(ref.abs().max())), (name, scales is not None, diff)
+            assert diff <= FLOAT64_RTOL * max(1.0, float(ref.abs().max())), (name, scales is not None, diff)
             assert report["max_abs_diff_fp64"] == pytest.approx(diff, rel=1e-6, abs=1e-15)
     left = {type(m).__name__ for m in prepared.modules()} & {
         "GroupNorm", "ChannelLayerNorm", "GSB", "LSCAB", "BatchNorm2d", "DWDConv", "Down", "TwoLogitHead"}
@@ -129,29 +135,32 @@ def test_group_scales_do_not_depend_on_the_thread_count(authors, real_frames):
 # --- conversions of the authors' UltraSeg-130K on real frames -------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp32_matches_torch(tfl, convert, real_frames):
     model, path, rep = convert("ultraseg-130k-authors", "fp32")
-    cmp = tfl.compare_to_torch(model, tfl.load_runner(path), real_frames["test"])
+    cmp = tfl.compare_to_torch(model, tfl.load_runner(path, RPI, threads=1), real_frames["test"])
     assert cmp["agreement"] == 1.0, cmp
     assert cmp["max_abs_diff"] < 1e-3, cmp
     assert rep["inputs"] == [{"name": rep["inputs"][0]["name"], "shape": [1, 256, 256, 3], "dtype": "float32"}]
     assert rep["outputs"][0]["shape"] == [1, 256, 256, 1] and rep["outputs"][0]["dtype"] == "float32"
     assert rep["transpose_count"] <= 2, rep["ops"]
-    assert not rep["quantized"] and rep["rewrite_max_abs_diff_fp64"] < 1e-9
+    assert not rep["quantized"] and rep["rewrite_max_abs_diff_fp64"] < FLOAT64_RTOL
 
 
+@pytest.mark.slow
 def test_fp16_matches_torch(tfl, convert, real_frames):
     model, path, rep = convert("ultraseg-130k-authors", "fp16")
-    cmp = tfl.compare_to_torch(model, tfl.load_runner(path), real_frames["test"])
+    cmp = tfl.compare_to_torch(model, tfl.load_runner(path, RPI, threads=1), real_frames["test"])
     assert cmp["agreement"] >= 0.999, cmp
     assert rep["ops"].get("DEQUANTIZE", 0) > 0, "fp16 weights are stored as float16 constants + DEQUANTIZE"
     assert rep["inputs"][0]["dtype"] == "float32" and rep["transpose_count"] <= 2
     assert rep["size_bytes"] < convert("ultraseg-130k-authors", "fp32")[2]["size_bytes"]
 
 
+@pytest.mark.slow
 def test_int8_is_full_integer_and_matches_torch(tfl, convert, real_frames):
     model, path, rep = convert("ultraseg-130k-authors", "int8")
-    cmp = tfl.compare_to_torch(model, tfl.load_runner(path), real_frames["test"])
+    cmp = tfl.compare_to_torch(model, tfl.load_runner(path, RPI, threads=1), real_frames["test"])
     assert cmp["agreement"] >= 0.99, cmp
     (inp,), (out,) = rep["inputs"], rep["outputs"]
     assert inp["dtype"] == "int8" and out["dtype"] == "int8", (inp, out)
@@ -171,6 +180,7 @@ def test_int8_is_full_integer_and_matches_torch(tfl, convert, real_frames):
     assert rep["size_bytes"] < 0.5 * convert("ultraseg-130k-authors", "fp32")[2]["size_bytes"]
 
 
+@pytest.mark.slow
 def test_int8_with_float_norms_lists_its_float_islands(tfl, authors, real_frames, litert_python, tmp_path):
     model, contract = authors
     path = tmp_path / "mixed.tflite"
@@ -181,7 +191,7 @@ def test_int8_with_float_norms_lists_its_float_islands(tfl, authors, real_frames
     assert rep["inputs"][0]["dtype"] == "int8" and rep["outputs"][0]["dtype"] == "int8"
     assert rep["ops"].get("DEQUANTIZE", 0) > 0 and "scope" in rep["int8_recipe"]
     assert not rep["int16_islands"], rep["int16_island_ops"]  # the float norms replace the int16 ones
-    cmp = tfl.compare_to_torch(model, tfl.load_runner(path), real_frames["test"])
+    cmp = tfl.compare_to_torch(model, tfl.load_runner(path, RPI, threads=1), real_frames["test"])
     assert cmp["agreement"] >= 0.995, cmp
 
 
@@ -195,25 +205,27 @@ def test_int8_requires_calibration(tfl, authors, tmp_path):
 # --- students: TRANSPOSE budget --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ultraseg-108k", "microaunet"])
 def test_student_fp32_has_at_most_two_transposes(tfl, convert, real_frames, name):
     model, path, rep = convert(name, "fp32")
     assert rep["transpose_count"] <= 2, rep["ops"]
-    cmp = tfl.compare_to_torch(model, tfl.load_runner(path), real_frames["test"][:8])
+    cmp = tfl.compare_to_torch(model, tfl.load_runner(path, RPI, threads=1), real_frames["test"][:8])
     with torch.no_grad():
         scale = float(model(torch.from_numpy(real_frames["test"][:8])).abs().max())
     assert cmp["agreement"] >= 0.99999, cmp  # random init: huge logits, a pixel can sit at ~0
-    assert cmp["max_abs_diff"] <= 1e-5 * max(1.0, scale), (cmp, scale)
+    assert cmp["max_abs_diff"] <= RUNTIME_F32 * max(1.0, scale), (cmp, scale)
 
 
 # --- runner ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_runner_round_trip(tfl, convert, real_frames, data_root):
     from edgeseg.evaluate import evaluate_split, torch_logits_fn
 
     model, path, _ = convert("ultraseg-130k-authors", "int8")
-    run = tfl.load_runner(path, threads=1)
+    run = tfl.load_runner(path, RPI, threads=1)
     x = real_frames["test"][:3]
     raw = run.to_model_input(x)
     assert raw.dtype == np.int8 and raw.shape == (3, 256, 256, 3)
@@ -222,17 +234,18 @@ def test_runner_round_trip(tfl, convert, real_frames, data_root):
     y = run(x)
     assert y.shape == (3, 1, 256, 256) and y.dtype == np.float32
     assert np.array_equal(y, run.from_model_output(run.invoke_raw(raw)))
-    assert np.array_equal(y, tfl.load_runner(path, threads=2)(x))
+    assert np.array_equal(y, tfl.load_runner(path, RPI, threads=2)(x))
     with pytest.raises(ValueError):
         run(x.transpose(0, 2, 3, 1))
     # the parity gate's scorer accepts the runner like any other logits function (fp32: same scores)
     ids = real_frames["test_ids"][:4]
     model, path32, _ = convert("ultraseg-130k-authors", "fp32")
-    got = evaluate_split(tfl.load_runner(path32), InputContract(), data_root, ids, native=False)
+    got = evaluate_split(tfl.load_runner(path32, RPI, threads=1), InputContract(), data_root, ids, native=False)
     ref = evaluate_split(torch_logits_fn(model), InputContract(), data_root, ids, native=False)
     assert got["n_images"] == 4 and abs(got["mdice"] - ref["mdice"]) < 1e-4, (got["mdice"], ref["mdice"])
 
 
+@pytest.mark.slow
 def test_runner_needs_no_torch(tfl, convert, real_frames, tmp_path):
     """On a device (numpy + ai-edge-litert, no torch) the module imports and its runner gives the same logits."""
     import subprocess
@@ -242,13 +255,16 @@ def test_runner_needs_no_torch(tfl, convert, real_frames, tmp_path):
     np.save(tmp_path / "x.npy", x)
     code = ("import sys, numpy as np\n"
             "from edgeseg.export.tflite import load_runner\n"
-            f"np.save({str(tmp_path / 'y.npy')!r}, load_runner({str(path)!r})(np.load({str(tmp_path / 'x.npy')!r})))\n"
+            "from edgeseg.targets import get_target\n"
+            f"run = load_runner({str(path)!r}, get_target('tflite-rpi'), threads=1)\n"
+            f"np.save({str(tmp_path / 'y.npy')!r}, run(np.load({str(tmp_path / 'x.npy')!r})))\n"
             "assert 'torch' not in sys.modules, 'the runner imported torch'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert np.array_equal(np.load(tmp_path / "y.npy"), tfl.load_runner(path)(x))
+    assert np.array_equal(np.load(tmp_path / "y.npy"), tfl.load_runner(path, RPI, threads=1)(x))
 
 
+@pytest.mark.slow
 def test_backend_interface(tfl, convert, litert_python, monkeypatch, tmp_path):
     """export(source, request, out_dir) -> (path, info) and load_runner(path, target) as edgeseg.export calls them."""
     monkeypatch.setenv("EDGESEG_LITERT_PYTHON", litert_python)
@@ -264,10 +280,10 @@ def test_backend_interface(tfl, convert, litert_python, monkeypatch, tmp_path):
     x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    assert np.abs(run(x) - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+    assert np.abs(run(x) - ref).max() <= RUNTIME_F32 * max(1.0, float(np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("precision, extra", [("fp32", []), ("fp16", [])])
+@pytest.mark.parametrize("precision, extra", [("fp32", []), pytest.param("fp16", [], marks=pytest.mark.slow)])
 def test_pipeline_export_passes_its_parity_gate(cli, litert_python, authors_ckpt, data_root, tmp_path,
                                                 monkeypatch, precision, extra):
     """`edgeseg export --target tflite-rpi` end to end: conversion, config, parity on real frames."""
@@ -283,6 +299,17 @@ def test_pipeline_export_passes_its_parity_gate(cli, litert_python, authors_ckpt
     assert parity["delta"] <= parity["budget"] and parity["n_images"] == 62
     assert config["backend_config"]["layout"] == "NHWC" and config["precision"] == precision
     assert config["backend_config"]["transpose_count"] <= 2
+
+
+def test_failed_conversion_is_one_line_and_leaves_nothing(cli, authors_ckpt, data_root, parity16, tmp_path,
+                                                          monkeypatch):
+    """A converter that fails (here: an interpreter without litert-torch) is a one-line error, no traceback,
+    and no artefact folder or staging left behind."""
+    monkeypatch.setenv("EDGESEG_LITERT_PYTHON", sys.executable)  # the test env has no litert_torch
+    code, out, err = cli("export", authors_ckpt, "--target", "tflite-rpi", "--out", tmp_path / "art",
+                         "--parity-split", parity16, "--data-root", data_root)
+    one_line_error(code, err, "TFLite conversion failed", "litert_torch")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_conversion_env_is_per_python_environment(tmp_path, monkeypatch):

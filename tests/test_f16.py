@@ -1,5 +1,5 @@
-"""The fp16 parity check computes in f16 on every CPU (edgeseg.export.f16): natively where the CPU has f16,
-elsewhere by rounding every tensor of the artefact's graph exactly to float16; never OpenVINO's bf16 substitute.
+"""The fp16 parity check computes in f16 on every CPU (edgeseg.export.f16), the same way everywhere: every tensor
+of the artefact's graph rounded exactly to float16; never OpenVINO's bf16 substitute.
 The export tests (openvino-igpu, tensorrt-jetson fp16) check what parity.json records."""
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import pytest
 from edgeseg.errors import EdgesegError
 from edgeseg.export import f16
 
+pytestmark = pytest.mark.openvino
+
 
 @pytest.fixture(scope="module")
 def onnx_and_frames(data_root, tmp_path_factory):
     """The shipped model's ONNX intermediate (as every export makes it) and 4 real parity frames."""
     from edgeseg.checkpoint import load_model
-    from edgeseg.export._prepare import prepare
     from edgeseg.export.onnx import torch_to_onnx
     from edgeseg.export.parity import load_frames, resolve_parity_ids
+    from edgeseg.export.prepare import prepare
 
     model, contract, _ = load_model(None)
     prepared, _ = prepare(model, contract.size)
@@ -49,6 +51,7 @@ def test_rounding_matches_numpy_float16_bit_for_bit():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_emulation_rounds_every_tensor_of_the_real_model(onnx_and_frames):
     path, x = onnx_and_frames
     core = ov.Core()
@@ -74,19 +77,20 @@ def test_emulation_rounds_every_tensor_of_the_real_model(onnx_and_frames):
     assert ((y16 > 0) == (y32 > 0)).mean() > 0.999
 
 
+@pytest.mark.slow
 def test_native_f16_or_refusal(onnx_and_frames):
-    """Where the CPU has native f16 the native check runs f16 and agrees with the emulation; elsewhere an f16
-    hint compiles as something else (bf16 on AVX512-BF16 CPUs) and the native mode refuses instead of
-    checking the wrong numerics."""
+    """The parity check is the emulation on every CPU. Where the CPU has native f16 the native mode runs an f16
+    hint and agrees with the emulation; elsewhere an f16 hint compiles as something else (bf16 on AVX512-BF16
+    CPUs) and the native mode refuses instead of checking the wrong numerics."""
     path, x = onnx_and_frames
     core = ov.Core()
     hinted = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f16"})
     hint = hinted.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    assert f16.f16_runner(path).effective["f16"] == "emulated"
     if not f16.cpu_has_f16(core):
         assert hint != "f16"
         with pytest.raises(EdgesegError, match="not f16"):
             f16.f16_runner(path, mode="native")
-        assert f16.f16_runner(path).effective["f16"] == "emulated"
         return
     native, emulated = f16.f16_runner(path, mode="native"), f16.f16_runner(path, mode="emulated")
     assert hint == "f16" and native.effective["f16"] == "native"

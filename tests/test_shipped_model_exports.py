@@ -13,7 +13,7 @@ from edgeseg.export import require_runtime
 from edgeseg.errors import EdgesegError
 from edgeseg.targets import list_targets
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.onnx, pytest.mark.openvino, pytest.mark.tflite, pytest.mark.tensorrt]
 
 SHIPPED = {"ultraseg-108k-pranet": "ultraseg-108k", "lite0-seg-pranet": "lite0-seg"}  # name -> model
 CASES = [pytest.param(name, t, p, id=f"{name}-{t.id}-{p}") for name in SHIPPED for t in list_targets()

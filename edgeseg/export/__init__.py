@@ -8,8 +8,9 @@ form, BN folded, logits only, checked in float64) -> ONNX intermediate (opset 17
 frames -> parity.json. Everything is built in a temp folder beside ``--out`` and renamed at the end; an
 artefact over its parity budget is kept as ``<out>.rejected`` and :class:`ParityFailure` is raised.
 
-A backend module provides ``export(source, request, out_dir) -> (model_path, info)`` and
-``load_runner(path, target, device=None) -> logits_fn``; nothing else in the pipeline knows a runtime.
+A backend module (``edgeseg.export.<target.backend>``) is a :class:`Backend`: ``export(source, request, out_dir)
+-> (model_path, info)`` and ``load_runner(path, target, device=None, threads=None) -> Runner``; nothing else in
+the pipeline knows a runtime. A backend reports bad input and failed conversions as :class:`EdgesegError`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn, Protocol, runtime_checkable
 
 from edgeseg import __version__
 from edgeseg.errors import EdgesegError
@@ -33,30 +34,56 @@ from edgeseg.export.parity import ParityFailure
 from edgeseg.fileio import check_output, current_umask, file_sha256
 from edgeseg.targets import Target, get_target
 
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from edgeseg.contract import InputContract
+    from edgeseg.export.parity import Frames
+
 __all__ = ["export", "load_runner", "open_artefact", "make_runner", "read_config", "check_config", "backend_module",
-           "require_runtime", "ExportResult", "ParityFailure"]
+           "require_runtime", "Backend", "Runner", "Source", "ExportRequest", "ExportResult", "ParityFailure"]
 
 log = logging.getLogger(__name__)
 ARTEFACT_FORMAT, ARTEFACT_FORMAT_VERSION = "edgeseg-artefact", 1
 
 
+# An artefact's logits function: (B, 3, S, S) float32 frames, preprocessed by the input contract -> (B, 1, S, S)
+# float32 logits. Runners may carry ``effective`` (what the runtime really ran: threads, precision, ...).
+Runner = Callable[["np.ndarray"], "np.ndarray"]
+
+
 @dataclass(frozen=True)
 class Source:
     """What every backend starts from."""
-    model: object           # the checkpoint's model as trained, in eval mode (for backends with their own prep)
-    module: object          # the prepared torch module: (B, 3, S, S) -> (B, 1, S, S) logits
-    contract: object        # InputContract
+    model: nn.Module        # the checkpoint's model as trained, in eval mode (for backends with their own prep)
+    module: nn.Module       # the prepared model (see edgeseg.export.prepare): (B, 3, S, S) -> (B, 1, S, S) logits
+    contract: InputContract
     onnx_path: Path         # the simplified ONNX intermediate, with metadata_props
-    metadata: dict          # edgeseg.* provenance keys (strings), also written into the artefact
+    metadata: dict[str, str]  # edgeseg.* provenance keys, also written into the artefact
 
 
 @dataclass(frozen=True)
 class ExportRequest:
     target: Target
     precision: str
-    calib: object = None          # (N, 3, S, S) float32 calibration inputs for int8, else None
+    calib: np.ndarray | None = None   # (N, 3, S, S) float32 calibration inputs for int8, else None
     max_dice_drop: float | None = None
-    validation: object = None     # parity Frames, for accuracy-controlled quantization
+    validation: Frames | None = None  # the parity frames, for accuracy-controlled quantization and golden I/O
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The interface of a backend module; :func:`backend_module` refuses a module without it."""
+
+    def export(self, source: Source, request: ExportRequest, out_dir: Path) -> tuple[Path, dict]:
+        """Build ``out_dir/<target.artefact>`` (and its side files); return (model path, backend info for
+        config.json's ``backend_config``)."""
+
+    def load_runner(self, path: Path, target: Target, device: str | None = None,
+                    threads: int | None = None) -> Runner:
+        """The runner of the model file ``path`` on ``device`` (None: the target's own), with ``threads``
+        (None: the target's profile threads)."""
 
 
 @dataclass
@@ -67,16 +94,20 @@ class ExportResult:
     rejected: bool = False
 
 
-def backend_module(target: Target):
+def backend_module(target: Target) -> Backend:
     """The backend module of ``target``; a planned backend without a module is an EdgesegError."""
     name = f"edgeseg.export.{target.backend}"
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
         raise EdgesegError(f"target {target.id!r}: backend {name} is not implemented in this edgeseg "
                            "version") from None
+    if not isinstance(module, Backend):
+        raise EdgesegError(f"target {target.id!r}: {name} is not an edgeseg backend (it needs export and "
+                           "load_runner)")
+    return module
 
 
 def require_runtime(target: Target) -> None:
@@ -388,9 +419,9 @@ def _build(tmp, model, contract, ckpt, provenance, target, precision, manifest, 
     parity record that decides the gate."""
     from edgeseg.calibration import load_images
     from edgeseg.evaluate import torch_logits_fn
-    from edgeseg.export._prepare import prepare
     from edgeseg.export.onnx import torch_to_onnx
     from edgeseg.export.parity import few_frames_note, load_frames, measure, run_batched
+    from edgeseg.export.prepare import prepare
 
     times = {}
     t0 = time.perf_counter()

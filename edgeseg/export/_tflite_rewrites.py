@@ -1,7 +1,7 @@
 """TFLite-only rewrites (torch only), applied on top of the shared fused model of
-:func:`edgeseg.export._prepare.prepare` so that litert-torch emits no TRANSPOSE and ai-edge-quantizer can
+:func:`edgeseg.export.prepare.prepare` so that litert-torch emits no TRANSPOSE and ai-edge-quantizer can
 quantise every op. Model-agnostic and mathematically identical; :func:`prepare_for_tflite` returns the
-result with prepare's float64 equivalence check (~1e-13 relative measured; 1e-9 required).
+result with prepare's float64 equivalence check (~1e-13 relative measured; FLOAT64_RTOL required).
 
 * ``GroupNorm(G, C)``: per-channel spatial means (a mean over W, then over H: TFLite's MEAN sums in one
   float32 accumulator, and 65,536-term sums cost ~4e-3 of logit accuracy) and a constant
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeseg.export._prepare import prepare
+from edgeseg.export.prepare import prepare
 
 __all__ = ["prepare_for_tflite", "group_scales", "NHWCInput"]
 
@@ -116,7 +116,7 @@ def _spatial_mean(x):
 
 def prepare_for_tflite(model: nn.Module, size: int, scales: dict[str, torch.Tensor] | None = None,
                        probe: np.ndarray | torch.Tensor | None = None) -> tuple[nn.Module, dict]:
-    """:func:`~edgeseg.export._prepare.prepare` with the rewrites listed in the module docstring: (module,
+    """:func:`~edgeseg.export.prepare.prepare` with the rewrites listed in the module docstring: (module,
     report), checked in float64 on ``probe``. With ``scales`` (from :func:`group_scales` on ``model``) the
     GroupNorms also get their int8-friendly group scales (see :class:`GroupNormExport`)."""
     return prepare(model, size, rewrite=lambda m: _rewrite(m, scales or {}), probe=probe)

@@ -4,8 +4,8 @@ OpenVINO runner.
 Compile properties are always explicit: the CPU plugin's default inference precision is bf16 on AMX CPUs,
 and the GPU plugin's is f16. They come from the target's ``[compile]`` table and are recorded in the
 artefact's config.json, which :func:`load_runner` reads back. A CPU compile at f16 (the iGPU target's parity
-check) goes through :mod:`edgeseg.export.f16`: native f16 where the CPU has it, exact f16 emulation elsewhere
-(the plugin would run the hint as bf16 on an AVX512-BF16 CPU without AVX512-FP16).
+check) goes through :mod:`edgeseg.export.f16`: every tensor rounded exactly to f16, the same on every CPU (the
+plugin would run the hint as bf16 on an AVX512-BF16 CPU without AVX512-FP16, and as mixed f16/f32 with it).
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def load_runner(path: Path, target, device: str | None = None, threads: int | No
     if threads and "INFERENCE_NUM_THREADS" in props:
         props["INFERENCE_NUM_THREADS"] = threads
     if device == "CPU" and props["INFERENCE_PRECISION_HINT"] == "f16":
-        # the parity check of an f16 deployment: real f16 on every CPU, never the plugin's bf16 substitute
+        # the parity check of an f16 deployment: every tensor rounded to f16, the same on every CPU, never the
+        # plugin's bf16 substitute
         from edgeseg.export.f16 import f16_runner
 
         return f16_runner(path, props.pop("INFERENCE_NUM_THREADS", 1), props=props)

@@ -9,7 +9,7 @@
   * wrapped to return only the logits ``(B, 1, S, S)``, in eval mode, without gradients;
 
 and checks that it is the same function as the model: in float64 the logits must agree to rounding
-(1e-9 relative), and the difference in the model's own dtype is reported.
+(:data:`edgeseg.tolerances.FLOAT64_RTOL`), and the difference in the model's own dtype is reported.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from edgeseg.models.fuse import fuse_model
+from edgeseg.tolerances import FLOAT64_RTOL
 
-# float64 logits of the prepared copy and of the model may differ by rounding only: this, relative to max |logit|
-FLOAT64_RTOL = 1e-9
 
 
 class LogitsOnly(nn.Module):

@@ -24,9 +24,8 @@ runtime checked parity.
 
 Parity here is a CPU check of the exported ONNX, never a TensorRT measurement: fp32 and int8 run on ONNX
 Runtime's CPU provider (it executes the QDQ graph with int8 kernels); fp16 runs in f16 on OpenVINO's CPU plugin
-(:mod:`edgeseg.export.f16`): natively where the CPU computes f16 (AVX512-FP16/AMX-FP16), elsewhere with every
-tensor rounded exactly to float16 (an ``f16`` hint would run as bf16 there); parity.json records which, and the
-op precisions. ONNX Runtime is not used for fp16 parity: its CPU provider has no fp16 Conv/InstanceNormalization
+(:mod:`edgeseg.export.f16`) with every tensor rounded exactly to float16, the same on every CPU (an ``f16``
+hint would run as bf16 on some, and keeps many ops in f32 on others); parity.json records it. ONNX Runtime is not used for fp16 parity: its CPU provider has no fp16 Conv/InstanceNormalization
 kernels and silently wraps those nodes in Casts to float32.
 
 The engine side (``edgeseg build-engine`` and the GPU runner) lives in :mod:`edgeseg.export.tensorrt_engine`;
@@ -42,13 +41,15 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from edgeseg.errors import EdgesegError
-from edgeseg.export.tensorrt_engine import (BUILDER_FLAGS, ENGINE, GOLDEN_INPUT, GOLDEN_OUTPUT, GOLDEN_TOLERANCE, INPUT,
+from edgeseg.export.tensorrt_engine import (BUILDER_FLAGS, ENGINE, GOLDEN_INPUT, GOLDEN_OUTPUT, INPUT,
                                           MAX_BATCH, OUTPUT, SIDECAR, engine_runner, read_artefact_config)
+from edgeseg.tolerances import GOLDEN
 
 
 # The ops :func:`to_fp16` knows how to convert (every op of the edgeseg model zoo, and common neighbours).
@@ -116,8 +117,8 @@ def export(source, request, out_dir: Path) -> tuple[Path, dict]:
 
 _PARITY_RUNTIME = {
     "fp32": "ONNX Runtime CPUExecutionProvider, fp32: a CPU check of model.onnx, not a TensorRT measurement",
-    "fp16": "OpenVINO CPU plugin in f16 (native f16 where the CPU has it, else exact f16 rounding of every tensor, "
-            "see edgeseg.export.f16): a CPU check of model.onnx, not a TensorRT measurement",
+    "fp16": "OpenVINO CPU plugin, f32 arithmetic with every tensor rounded exactly to f16 (edgeseg.export.f16): "
+            "a CPU check of model.onnx, not a TensorRT measurement",
     "int8": "ONNX Runtime CPUExecutionProvider running the QDQ graph (int8 kernels, float glue in fp32): a CPU "
             "check of model.onnx, not a TensorRT measurement",
 }
@@ -326,7 +327,7 @@ def polygraphy_lint(path: Path) -> dict:
 
 def write_golden(path: Path, request, out_dir: Path) -> dict:
     """golden_input.npy: the first parity frame (a real frame, preprocessed); golden_output.npy: its logits from
-    ONNX Runtime on this CPU. The device compares its engine's output with GOLDEN_TOLERANCE[precision]."""
+    ONNX Runtime on this CPU. The device compares its engine's output within :data:`edgeseg.tolerances.GOLDEN`."""
     from edgeseg.export import onnx as onnx_backend
 
     x = np.ascontiguousarray(request.validation.x[:1], np.float32)
@@ -336,7 +337,7 @@ def write_golden(path: Path, request, out_dir: Path) -> dict:
     np.save(out_dir / GOLDEN_OUTPUT, y)
     return {"input": GOLDEN_INPUT, "output": GOLDEN_OUTPUT, "frame": request.validation.ids[0],
             "made_by": f"onnxruntime {run.effective['onnxruntime']} CPUExecutionProvider, 1 thread",
-            "tolerance": GOLDEN_TOLERANCE[request.precision],
+            "tolerance": asdict(GOLDEN[request.precision]),
             "tolerance_basis": "CPU runtime comparisons on the export machine, not a Jetson measurement"}
 
 
@@ -347,8 +348,7 @@ def load_runner(path: Path, target, device: str | None = None, threads: int | No
 
     device None or "GPU": the TensorRT engine (on the Jetson; needs model.engine + model.engine.json from
     ``edgeseg build-engine``). "CPU": the CPU check of model.onnx used by the parity gate (ONNX Runtime for fp32
-    and int8, OpenVINO f16 for fp16 where the CPU has native f16, else ONNX Runtime); its ``effective`` record
-    says which.
+    and int8, OpenVINO with every tensor rounded to f16 for fp16); its ``effective`` record says which.
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent

@@ -10,7 +10,7 @@ Pipeline (:func:`torch_to_tflite`):
 
 1. :func:`~edgeseg.export._tflite_rewrites.prepare_for_tflite` (torch only, see that module) builds an
    export-only inference copy of the model: the fused model every backend gets
-   (:func:`edgeseg.export._prepare.prepare`) with TFLite's own rewrites on top, mathematically identical to
+   (:func:`edgeseg.export.prepare.prepare`) with TFLite's own rewrites on top, mathematically identical to
    the model (checked in float64 on every export), with no TRANSPOSE-forcing reshapes. TRANSPOSE ops in the
    fp32 graph: 72 -> 0 (UltraSeg-130K and -108K), 85 -> 0 (MicroAUNet).
 
@@ -58,6 +58,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -71,6 +72,8 @@ import numpy as np
 
 from edgeseg.errors import EdgesegError
 from edgeseg.export import installed_version
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LITERT_PINS", "RUNTIME_PIN", "INT8_FLOAT_OPS", "INT16_SCOPES", "torch_to_tflite",
@@ -170,12 +173,15 @@ def setup_litert_env(venv: str | os.PathLike | None = None, progress=None) -> Pa
     say(f"installing {' '.join(LITERT_PINS)} (sharing this environment's torch {torch.__version__})")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-        raise EdgesegError(f"pip could not install the litert stack into {venv} (exit {done.returncode}):\n{tail}")
+        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        log.debug("pip output:\n%s", "\n".join(lines[-40:]))
+        raise EdgesegError(f"pip could not install the litert stack into {venv} (exit {done.returncode}): "
+                           f"{lines[-1] if lines else 'no output'}")
     out = subprocess.run([str(py), "-c", "import torch, litert_torch, ai_edge_quantizer; print(torch.__version__)"],
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     if out != torch.__version__:
-        raise RuntimeError(f"the litert venv sees torch {out}, not the parent's {torch.__version__}")
+        raise EdgesegError(f"the litert venv {venv} sees torch {out}, not this environment's {torch.__version__}: "
+                           "remove it and run `edgeseg setup tflite` again")
     stamp.write_text(want)
     say(f"ready: {venv}")
     return py
@@ -205,8 +211,11 @@ def _run_worker(job: dict, python: str | None) -> dict:
         if line.startswith("EDGESEG_RESULT "):
             result = json.loads(line[len("EDGESEG_RESULT "):])
     if proc.returncode != 0 or result is None:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-        raise RuntimeError(f"TFLite conversion worker failed (exit {proc.returncode}, python {python}):\n{tail}")
+        lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+        log.debug("litert worker output (python %s):\n%s", python, "\n".join(lines[-40:]))
+        last = lines[-1] if lines else "no output"
+        raise EdgesegError(f"TFLite conversion failed (litert worker exit {proc.returncode}): "
+                           f"{last if len(last) <= 300 else last[:297] + '...'}")
     return result
 
 
@@ -222,8 +231,8 @@ def torch_to_tflite(model, contract, out_path: str | os.PathLike, precision: str
 
     ``calib``: (N, 3, S, S) float32 NCHW frames preprocessed with ``contract`` (required for int8; a few
     dozen real frames). ``check``: frames used to verify the export-only rewrite against the original model
-    in torch (defaults to two ``calib`` frames, else random): in float64 it must agree to rounding (1e-9
-    relative), and the float32 max abs difference is reported.
+    in torch (defaults to two ``calib`` frames, else random): in float64 it must agree to rounding
+    (:data:`edgeseg.tolerances.FLOAT64_RTOL`), and the float32 max abs difference is reported.
 
     ``float_norms`` (int8 only, off by default, a diagnosis aid): keep the GroupNorm / channel-LayerNorm
     internals in float (float islands, listed in the report) instead of int16 / int8. Not a full-integer
@@ -248,7 +257,7 @@ def torch_to_tflite(model, contract, out_path: str | os.PathLike, precision: str
     # int8-only group equalisation (same maths), from float64 statistics: reproducible on any thread count
     scales = group_scales(copy.deepcopy(model).double(), calib) if precision == "int8" else None
     # The rewrite must be the same maths: prepare compares in float64 (constants folded in float64 too),
-    # where only rounding remains (1e-9 relative, else RuntimeError), and reports the float32 difference
+    # where only rounding remains (FLOAT64_RTOL, else RuntimeError), and reports the float32 difference
     # that the converter starts from.
     prepared, prep = prepare_for_tflite(model, size, scales, probe)
     example = torch.zeros(1, size, size, 3)
@@ -362,13 +371,13 @@ def _interpreter_class():
     return Interpreter
 
 
-def load_runner(path: str | os.PathLike, target=None, device: str | None = None, *, threads: int | None = None,
+def load_runner(path: str | os.PathLike, target, device: str | None = None, threads: int | None = None, *,
                 kernels: str = "xnnpack") -> Callable[[np.ndarray], np.ndarray]:
     """A numpy logits function for a .tflite made by :func:`torch_to_tflite`.
 
     (B, 3, S, S) float32 NCHW (the edgeseg contract) -> (B, 1, S, S) float32 logits. NHWC layout and, for an
     int8 model, quantisation of the input / dequantisation of the output with the stored parameters are
-    done here. ``threads``: default the target's profile threads, else 1. ``device``: only the CPU.
+    done here. ``threads``: default the target's profile threads. ``device``: only the CPU.
     ``kernels``: "xnnpack" (the default delegate, what a Pi runs), "builtin" (TFLite's own optimised
     kernels) or "reference" (portable integer reference kernels: an int8 model gives the same bits on
     x86 and aarch64). The function also has ``to_model_input``, ``invoke_raw`` and ``from_model_output``
@@ -378,8 +387,7 @@ def load_runner(path: str | os.PathLike, target=None, device: str | None = None,
         raise EdgesegError(f"the TFLite runner runs on the CPU, not {device}")
     if kernels not in ("xnnpack", "builtin", "reference"):
         raise ValueError(f"kernels must be xnnpack, builtin or reference, got {kernels!r}")
-    if threads is None:
-        threads = getattr(getattr(target, "profile", None), "threads", 1)
+    threads = threads or target.profile.threads
     cls = _interpreter_class()
     if kernels == "xnnpack":
         interp = cls(model_path=str(path), num_threads=int(threads))
@@ -466,7 +474,7 @@ def export(source, request, out_dir: str | os.PathLike) -> tuple[Path, dict]:
     ``out_dir/<target.artefact>`` at ``request.precision`` (int8 calibrated on ``request.calib``).
     Returns (path, info) where info is the conversion report without the per-op lists."""
     target = request.target
-    path = Path(out_dir) / getattr(target, "artefact", "model.tflite")
+    path = Path(out_dir) / target.artefact
     try:
         litert_python()
     except ImportError as e:
