@@ -547,26 +547,20 @@ def _comma_list(value: str | None, option: str) -> list[str] | None:
 
 @app.command()
 def setup(
-    what: Annotated[str, typer.Argument(help="tflite (the isolated litert-torch converter env) | aarch64 "
-                                             "(the emulated Raspberry Pi sysroot for parity checks)")],
+    what: Annotated[str, typer.Argument(help="tflite (the isolated litert-torch converter env)")],
 ):
     """One-time installs that do not belong in the main environment (explicit, never at export time).
 
-    Examples:
+    Example:
 
         edgeseg setup tflite
-        edgeseg setup aarch64
     """
     if what == "tflite":
         from edgeseg.export.tflite import setup_litert_env
 
         setup_litert_env(progress=typer.echo)
-    elif what == "aarch64":
-        from edgeseg.export.aarch64 import ensure_sysroot
-
-        typer.echo(ensure_sysroot())
     else:
-        raise EdgesegError(f"unknown setup {what!r}; use tflite or aarch64")
+        raise EdgesegError(f"unknown setup {what!r}; use tflite")
 
 
 def _load_for_inference(path: Path, threads: int | None = None):

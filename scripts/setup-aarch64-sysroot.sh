@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build (once, idempotently) the emulated Raspberry Pi sysroot used by edgeseg.export.aarch64:
+# Build (once, idempotently) the emulated Raspberry Pi sysroot used by the tests (tests/aarch64.py):
 # Debian bookworm arm64 + Python 3.11 + ai-edge-litert + numpy, run with qemu-aarch64-static.
 # Needs root (apt-get install qemu-user-static debootstrap; debootstrap) and network access to the
 # Debian mirror and PyPI. The sysroot goes to $EDGESEG_AARCH64_ROOT, default ~/.cache/edgeseg/aarch64.
@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-exec "$PYTHON" -m edgeseg.export.aarch64 "${1:-setup}"
+exec "$PYTHON" tests/aarch64.py "${1:-setup}"

@@ -42,7 +42,7 @@ if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", 
 
 @pytest.fixture(scope="module")
 def sysroot():
-    from edgeseg.export import aarch64
+    import aarch64
 
     if os.geteuid() != 0 and not (aarch64.sysroot_ready() and shutil.which("qemu-aarch64-static")):
         pytest.skip("building the aarch64 sysroot needs root (apt-get, debootstrap): run "
@@ -77,7 +77,7 @@ def setup(tmp_path_factory, data_root, authors_ckpt, litert_python):
 
 
 def _x86_and_arm(setup, precision, kernels, cpu="cortex-a72"):
-    from edgeseg.export.aarch64 import run_tflite_aarch64
+    from aarch64 import run_tflite_aarch64
     from edgeseg.export.tflite import load_runner
     from edgeseg.targets import get_target
 

@@ -381,7 +381,7 @@ def load_runner(path: str | os.PathLike, target, device: str | None = None, thre
     ``kernels``: "xnnpack" (the default delegate, what a Pi runs), "builtin" (TFLite's own optimised
     kernels) or "reference" (portable integer reference kernels: an int8 model gives the same bits on
     x86 and aarch64). The function also has ``to_model_input``, ``invoke_raw`` and ``from_model_output``
-    for raw-tensor comparisons (e.g. against :func:`edgeseg.export.aarch64.run_tflite_aarch64`).
+    for raw-tensor comparisons (the tests compare them with an emulated Raspberry Pi).
     """
     if device not in (None, "CPU", "cpu"):
         raise EdgesegError(f"the TFLite runner runs on the CPU, not {device}")

@@ -1,7 +1,8 @@
-"""Run .tflite artefacts on an emulated Raspberry Pi (aarch64 Debian bookworm, Python 3.11, LiteRT) on x86.
+"""Test infrastructure: run .tflite artefacts on an emulated Raspberry Pi (aarch64 Debian bookworm, Python 3.11,
+LiteRT) on x86, for tests/test_aarch64_emulation.py. Not part of the edgeseg package.
 
-    python -m edgeseg.export.aarch64 setup        # build the sysroot once (root, network: Debian + PyPI)
-    python -m edgeseg.export.aarch64 check        # smoke test: platform, numpy, ai_edge_litert, XNNPACK
+    python tests/aarch64.py setup        # build the sysroot once (root, network: Debian + PyPI)
+    python tests/aarch64.py check        # smoke test: platform, numpy, ai_edge_litert, XNNPACK
 
 The sysroot lives in ``$EDGESEG_AARCH64_ROOT`` (default ``$EDGESEG_CACHE/aarch64``, i.e.
 ``~/.cache/edgeseg/aarch64``) and is built idempotently (a stamp records what it was built with; a lock
@@ -152,7 +153,7 @@ def ensure_sysroot(root: Path | None = None, log=print) -> Path:
         _host_tools(log)
         if os.geteuid() != 0:
             raise RuntimeError("building the aarch64 sysroot needs root (debootstrap); run "
-                               "`sudo python -m edgeseg.export.aarch64 setup` once")
+                               "`sudo python tests/aarch64.py setup` once")
         partial = root.with_name(root.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -186,7 +187,7 @@ def ensure_sysroot(root: Path | None = None, log=print) -> Path:
 def _qemu() -> str:
     found = shutil.which("qemu-aarch64-static")
     if found is None:
-        raise RuntimeError("qemu-aarch64-static not found: run `python -m edgeseg.export.aarch64 setup` "
+        raise RuntimeError("qemu-aarch64-static not found: run `python tests/aarch64.py setup` "
                            "(Debian/Ubuntu package qemu-user-static)")
     return found
 
@@ -259,7 +260,7 @@ def run_tflite_aarch64(tflite_path: str | os.PathLike, inputs: np.ndarray, cpu: 
     root = Path(root) if root is not None else sysroot_dir()
     if not sysroot_ready(root):
         raise RuntimeError(f"no aarch64 sysroot at {root}: build it once with "
-                           "`python -m edgeseg.export.aarch64 setup` (root; Debian + PyPI access)")
+                           "`python tests/aarch64.py setup` (root; Debian + PyPI access)")
     inputs = np.asarray(inputs)
     # Host paths that do not exist inside the sysroot, so that qemu's -L lookup falls through to the host.
     with tempfile.TemporaryDirectory(prefix="edgeseg-aarch64-") as tmp:
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         for cpu in CPUS:
             print(cpu, json.dumps(_smoke(root, cpu)))
     else:
-        print("usage: python -m edgeseg.export.aarch64 [setup|check]", file=sys.stderr)
+        print("usage: python tests/aarch64.py [setup|check]", file=sys.stderr)
         return 2
     return 0
 
