@@ -24,8 +24,8 @@ strict schemas and against each other. Without ``--pubkey`` a bundle is checked 
 re-hash a manifest); with it, an unsigned or wrongly signed bundle is refused.
 
 Keys are PEM files: the private key PKCS#8 (unencrypted, written 0600), the public key SubjectPublicKeyInfo;
-``keygen`` never overwrites a key. The self-test tolerance is :data:`edgeseg.tolerances.SELFTEST` of the bundle's precision; the
-manifest's tolerance can only tighten it.
+``keygen`` never overwrites a key. The self-test tolerance is :data:`edgeseg.tolerances.SELFTEST` of the bundle's
+precision; the manifest's tolerance can only tighten it.
 """
 
 from __future__ import annotations

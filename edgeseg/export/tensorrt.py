@@ -25,8 +25,9 @@ runtime checked parity.
 Parity here is a CPU check of the exported ONNX, never a TensorRT measurement: fp32 and int8 run on ONNX
 Runtime's CPU provider (it executes the QDQ graph with int8 kernels); fp16 runs in f16 on OpenVINO's CPU plugin
 (:mod:`edgeseg.export.f16`) with every tensor rounded exactly to float16, the same on every CPU (an ``f16``
-hint would run as bf16 on some, and keeps many ops in f32 on others); parity.json records it. ONNX Runtime is not used for fp16 parity: its CPU provider has no fp16 Conv/InstanceNormalization
-kernels and silently wraps those nodes in Casts to float32.
+hint would run as bf16 on some, and keeps many ops in f32 on others); parity.json records it. ONNX Runtime is
+not used for fp16 parity: its CPU provider has no fp16 Conv/InstanceNormalization kernels and silently wraps
+those nodes in Casts to float32.
 
 The engine side (``edgeseg build-engine`` and the GPU runner) lives in :mod:`edgeseg.export.tensorrt_engine`;
 :func:`load_runner` hands device None or "GPU" to it.
