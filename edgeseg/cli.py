@@ -549,9 +549,10 @@ def _comma_list(value: str | None, option: str) -> list[str] | None:
 def setup(
     what: Annotated[str, typer.Argument(help="tflite (the isolated litert-torch converter env)")],
 ):
-    """One-time installs that do not belong in the main environment (explicit, never at export time).
+    """One-time installs that do not belong in the main environment (explicit, never at export time), under
+    $EDGESEG_CACHE (default ~/.cache/edgeseg).
 
-    Example:
+    Examples:
 
         edgeseg setup tflite
     """
