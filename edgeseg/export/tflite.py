@@ -173,10 +173,8 @@ def setup_litert_env(venv: str | os.PathLike | None = None, progress=None) -> Pa
     say(f"installing {' '.join(LITERT_PINS)} (sharing this environment's torch {torch.__version__})")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-        log.debug("pip output:\n%s", "\n".join(lines[-40:]))
         raise EdgesegError(f"pip could not install the litert stack into {venv} (exit {done.returncode}): "
-                           f"{lines[-1] if lines else 'no output'}")
+                           f"{_last_line(done.stdout + done.stderr, 'pip')}")
     out = subprocess.run([str(py), "-c", "import torch, litert_torch, ai_edge_quantizer; print(torch.__version__)"],
                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     if out != torch.__version__:
@@ -211,12 +209,18 @@ def _run_worker(job: dict, python: str | None) -> dict:
         if line.startswith("EDGESEG_RESULT "):
             result = json.loads(line[len("EDGESEG_RESULT "):])
     if proc.returncode != 0 or result is None:
-        lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
-        log.debug("litert worker output (python %s):\n%s", python, "\n".join(lines[-40:]))
-        last = lines[-1] if lines else "no output"
         raise EdgesegError(f"TFLite conversion failed (litert worker exit {proc.returncode}): "
-                           f"{last if len(last) <= 300 else last[:297] + '...'}")
+                           f"{_last_line(proc.stderr or proc.stdout, f'litert worker (python {python})')}")
     return result
+
+
+def _last_line(output: str, what: str) -> str:
+    """The last non-empty line of a failed subprocess's ``output`` (at most 300 characters) for a one-line error;
+    its last 40 lines go to the debug log."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    log.debug("%s output:\n%s", what, "\n".join(lines[-40:]))
+    last = lines[-1] if lines else "no output"
+    return last if len(last) <= 300 else last[:297] + "..."
 
 
 # --------------------------------------------------------------------------------------------------------
